@@ -1,0 +1,127 @@
+"""Projection heads applied on top of frozen backbone features, and their checkpoint format.
+
+A head checkpoint is a ``torch.save`` dict ``{"format": 1, "config": {...}, "image": state_dict, "text":
+state_dict, "extra": {...}}``; its SHA-256 goes into the index manifest, so an index built with one head is
+never searched with another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from indexer.core.errors import EncoderUnavailable
+
+HEAD_FORMAT = 1
+HeadKind = Literal["linear", "mlp", "residual"]
+
+
+class HeadConfig(BaseModel):
+    """Shape of a pair of heads: image features ``image_in`` -> ``out_dim``, text ``text_in`` -> ``out_dim``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: HeadKind = "mlp"
+    image_in: int
+    text_in: int
+    out_dim: int = 512
+    hidden: int = 1024
+    dropout: float = 0.1
+    encoder: dict[str, Any] = {}  # identity of the backbones the heads were trained on
+
+
+class ProjectionHead(nn.Module):
+    """Maps ``(n, in_dim)`` features to ``(n, out_dim)`` (not normalised).
+
+    ``linear``: one matrix. ``mlp``: linear + GELU + dropout + linear, plus a linear skip path.
+    ``residual``: ``x + W x`` with ``W`` initialised to zero, so it starts as the identity (needs in == out);
+    used on open_clip backbones so training can only move away from zero-shot when that helps.
+    """
+
+    def __init__(self, kind: HeadKind, in_dim: int, out_dim: int, hidden: int = 1024, dropout: float = 0.1):
+        super().__init__()
+        self.kind = kind
+        if kind == "linear":
+            self.proj: nn.Module = nn.Linear(in_dim, out_dim)
+        elif kind == "mlp":
+            self.proj = nn.Linear(in_dim, out_dim)
+            self.mlp = nn.Sequential(
+                nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)
+            )
+        elif kind == "residual":
+            if in_dim != out_dim:
+                raise ValueError(f"a residual head needs in_dim == out_dim, got {in_dim} and {out_dim}")
+            self.proj = nn.Linear(in_dim, out_dim)
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+        else:  # pragma: no cover - pydantic guards the literal
+            raise ValueError(f"unknown head kind {kind!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "residual":
+            return x + self.proj(x)
+        if self.kind == "mlp":
+            return self.proj(x) + self.mlp(x)
+        return self.proj(x)
+
+
+class HeadPair(nn.Module):
+    """The image and text heads of one checkpoint."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        self.image = ProjectionHead(config.kind, config.image_in, config.out_dim, config.hidden, config.dropout)
+        self.text = ProjectionHead(config.kind, config.text_in, config.out_dim, config.hidden, config.dropout)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_heads(heads: HeadPair, path: str | Path, extra: dict[str, Any] | None = None) -> str:
+    """Write a head checkpoint atomically; returns its SHA-256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(
+        {
+            "format": HEAD_FORMAT,
+            "config": heads.config.model_dump(),
+            "image": heads.image.state_dict(),
+            "text": heads.text.state_dict(),
+            "extra": extra or {},
+        },
+        tmp,
+    )
+    tmp.replace(path)
+    return file_sha256(path)
+
+
+def load_heads(path: str | Path) -> tuple[HeadPair, str]:
+    """Load a head checkpoint written by :func:`save_heads`; returns the heads (eval mode) and the file's SHA-256."""
+    path = Path(path)
+    if not path.is_file():
+        raise EncoderUnavailable(f"head checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob.get("format") != HEAD_FORMAT:
+            raise EncoderUnavailable(f"{path}: unknown head checkpoint format {blob.get('format')!r}")
+        heads = HeadPair(HeadConfig(**blob["config"]))
+        heads.image.load_state_dict(blob["image"])
+        heads.text.load_state_dict(blob["text"])
+    except EncoderUnavailable:
+        raise
+    except Exception as exc:  # torch raises many kinds on a damaged file
+        raise EncoderUnavailable(f"{path}: not a valid head checkpoint ({exc})") from exc
+    return heads.eval(), file_sha256(path)

@@ -1,0 +1,45 @@
+"""Decoding images safely: every failure becomes :class:`BadImage`, never a crash or a half-read picture."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from indexer.core.errors import BadImage
+
+#: Extensions the folder reader picks up (lower case, with the dot).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+#: Default cap on decoded pixels (about 8k x 8k); larger images are refused as decompression bombs.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open, fully decode and convert an image to RGB.
+
+    ``source`` is a path or the raw bytes of an encoded file. Raises :class:`BadImage` when the data is not an
+    image, is truncated, or would decode to more than ``max_pixels`` pixels.
+    """
+    name = "upload" if isinstance(source, bytes) else str(source)
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise BadImage(f"cannot open {name}: {exc.strerror or exc}") from exc
+    with fp, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(fp)
+            width, height = img.size
+            if width * height > max_pixels:
+                raise BadImage(f"{name}: {width}x{height} exceeds the limit of {max_pixels} pixels")
+            img.load()  # decode now: a truncated file fails here, not later in a worker
+            return img.convert("RGB")
+        except BadImage:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise BadImage(f"{name}: not a readable image ({exc})") from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise BadImage(f"{name}: corrupt or truncated image ({exc})") from exc
