@@ -1,0 +1,217 @@
+"""``python -m indexer``: build, add, remove, search, info.
+
+Flags map onto :class:`indexer.core.settings.IndexerSettings` (which also reads ``INDEXER_*`` environment variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from indexer.core.errors import RetrievalError
+from indexer.core.settings import EncoderSettings, IndexerSettings
+
+
+def _encoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", help="registry name (default), open_clip:MODEL[:PRETRAINED] or dual:IMAGE[:TEXT]")
+    p.add_argument("--heads", help="projection-head checkpoint from the trainer")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    _encoder_args(p)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--shard-size", type=int, help="vectors per resumable shard")
+    p.add_argument("--index-key", help="FAISS factory key (default: chosen from size and memory budget)")
+    p.add_argument("--memory-budget-gb", type=float)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m indexer", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="index a folder of images (resumes an interrupted build)")
+    b.add_argument("src", help="folder of images (an images/ sub-folder and a captions file are found)")
+    b.add_argument("--out", required=True, help="index folder to write")
+    b.add_argument("--captions", help="captions file (jsonl, csv, token.txt, COCO or Karpathy json)")
+    b.add_argument("--split", help="only this split (train, dev/val, test)")
+    b.add_argument("--limit", type=int, help="only the first N images (quick runs)")
+    b.add_argument("--engine", choices=["local", "ray"], default="local")
+    b.add_argument("--ray-address", help="Ray cluster address (default: start a local instance)")
+    _job_args(b)
+
+    a = sub.add_parser("add", help="encode more images into an existing index")
+    a.add_argument("index")
+    a.add_argument("paths", nargs="+", help="image files or folders under the index's source root")
+    a.add_argument("--root", help="folder the ids are relative to (default: the index's source root)")
+    _job_args(a)
+
+    r = sub.add_parser("remove", help="remove images by id")
+    r.add_argument("index")
+    r.add_argument("ids", nargs="+")
+
+    s = sub.add_parser("search", help="query an index from the terminal")
+    s.add_argument("index")
+    s.add_argument("query", nargs="?", help="text query")
+    s.add_argument("--image", help="query by an image file instead")
+    s.add_argument("-k", "--top-k", type=int, default=5)
+    s.add_argument("--json", action="store_true", help="print JSON")
+    _encoder_args(s)
+
+    i = sub.add_parser("info", help="print an index's manifest")
+    i.add_argument("index")
+
+    sub.add_parser("encoders", help="list the named encoder configs")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> IndexerSettings:
+    """Environment/defaults first, then every flag that was given."""
+    base = IndexerSettings()
+    enc = base.encoder.model_dump()
+    for key, attr in (("name", "encoder"), ("heads", "heads"), ("precision", "precision"), ("device", "device")):
+        if getattr(args, attr, None) is not None:
+            enc[key] = getattr(args, attr)
+    updates: dict[str, Any] = {"encoder": EncoderSettings(**enc)}
+    for attr in ("batch_size", "workers", "shard_size", "index_key", "memory_budget_gb"):
+        if getattr(args, attr, None) is not None:
+            updates[attr] = getattr(args, attr)
+    if getattr(args, "no_progress", False):
+        updates["progress"] = False
+    return IndexerSettings.model_validate({**base.model_dump(), **updates})
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if args.engine == "ray":
+        from indexer.ray_engine import build_with_ray
+
+        result = build_with_ray(
+            args.src, args.out, settings, captions=args.captions, split=args.split, limit=args.limit,
+            address=args.ray_address,
+        )
+    else:
+        from indexer.build import build_index
+
+        result = build_index(args.src, args.out, settings, captions=args.captions, split=args.split, limit=args.limit)
+    m = result.manifest
+    print(
+        f"indexed {m.count} images into {result.out} ({m.index_key}, dim {m.dim}, {m.encoder_label}); "
+        f"encoded {result.stats.encoded} now at {result.stats.images_per_s:.1f} images/s, "
+        f"{result.resumed} resumed, {len(result.skipped)} skipped"
+    )
+    for rid, reason in result.skipped[:20]:
+        print(f"  skipped {rid}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    from indexer.build import add_images
+    from indexer.core.index_store import IndexStore
+
+    settings = settings_from_args(args)
+    root = args.root or IndexStore.open(args.index).manifest.build.get("source_root")
+    if not root:
+        raise SystemExit("the index records no source root; pass --root")
+    manifest, skipped = add_images(args.index, args.paths, settings, root=root)
+    print(f"index now holds {manifest.count} images; {len(skipped)} skipped")
+    for rid, reason in skipped:
+        print(f"  skipped {rid}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    from indexer.core.index_store import remove_from_index
+
+    manifest = remove_from_index(args.index, args.ids)
+    print(f"removed {len(set(args.ids))}; index now holds {manifest.count} images")
+    return 0
+
+
+def encoder_for_index(index: str | Path, args: argparse.Namespace | None = None):
+    """Build the encoder an index was made with (from its manifest), unless flags name another."""
+    from indexer.core.encoders import EncoderSpec, build_encoder, parse_spec
+    from indexer.core.index_store import IndexStore
+
+    manifest = IndexStore.open(index).manifest
+    if args is not None and args.encoder:
+        spec = parse_spec(args.encoder, heads=args.heads, precision=args.precision, device=args.device)
+    else:
+        stored = dict(manifest.build.get("encoder_spec") or {})
+        if not stored:
+            raise SystemExit("the index records no encoder spec; pass --encoder")
+        for key in ("precision", "device"):
+            if args is not None and getattr(args, key, None):
+                stored[key] = getattr(args, key)
+        spec = EncoderSpec(**stored)
+    encoder = build_encoder(spec)
+    return encoder, IndexStore.open(index, expected_encoder=encoder.identity())
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from indexer.core.images import load_image
+
+    if bool(args.query) == bool(args.image):
+        raise SystemExit("give a text query or --image PATH (one of them)")
+    encoder, store = encoder_for_index(args.index, args)
+    if args.image:
+        q = encoder.encode_images([load_image(args.image)])
+    else:
+        if not args.query.strip():
+            raise SystemExit("the query is empty")
+        q = encoder.encode_text([args.query])
+    scores, rows = store.search(q, args.top_k)
+    hits = []
+    for rank, (score, row) in enumerate(zip(scores[0], rows[0], strict=True), 1):
+        meta = store.get(int(row))
+        hits.append({"rank": rank, "id": meta["id"], "score": round(float(score), 4), "captions": meta.get("captions", [])})
+    if args.json:
+        print(json.dumps(hits, indent=2, ensure_ascii=False))
+    else:
+        print(f"query: {args.query or args.image}")
+        for h in hits:
+            cap = f"  — {h['captions'][0]}" if h["captions"] else ""
+            print(f"{h['rank']:>3}. {h['score']:.4f}  {h['id']}{cap}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from indexer.core.index_store import IndexStore
+
+    print(IndexStore.open(args.index).manifest.model_dump_json(indent=2))
+    return 0
+
+
+def _cmd_encoders(args: argparse.Namespace) -> int:
+    from indexer.core.encoders import ENCODER_CONFIGS
+
+    for name, spec in sorted(ENCODER_CONFIGS.items()):
+        print(f"{name:22s} {spec.label()}")
+    return 0
+
+
+COMMANDS = {
+    "build": _cmd_build, "add": _cmd_add, "remove": _cmd_remove, "search": _cmd_search, "info": _cmd_info,
+    "encoders": _cmd_encoders,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except RetrievalError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130

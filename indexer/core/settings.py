@@ -1,0 +1,40 @@
+"""Settings shared by the components: the encoder choice, and the indexer job's own knobs.
+
+Each component has one pydantic-settings class (``env_prefix``, nested ``__``), built when asked for, never at
+import time. CLI flags map onto the same fields.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from indexer.core.encoders import EncoderSpec, Precision, parse_spec
+from indexer.core.images import DEFAULT_MAX_PIXELS
+
+
+class EncoderSettings(BaseModel):
+    """Which encoder to build: a registry name or spec string, plus overrides."""
+
+    name: str = Field("default", description="registry name, open_clip:MODEL[:PRETRAINED] or dual:IMAGE[:TEXT]")
+    heads: str | None = Field(None, description="projection-head checkpoint from the trainer")
+    precision: Precision = "auto"
+    device: str = "auto"
+
+    def spec(self) -> EncoderSpec:
+        return parse_spec(self.name, heads=self.heads, precision=self.precision, device=self.device)
+
+
+class IndexerSettings(BaseSettings):
+    """The indexing job. Environment: ``INDEXER_BATCH_SIZE=64``, ``INDEXER_ENCODER__NAME=clip-vit-b-32`` ..."""
+
+    model_config = SettingsConfigDict(env_prefix="INDEXER_", env_nested_delimiter="__", extra="ignore")
+
+    encoder: EncoderSettings = EncoderSettings()
+    batch_size: int = Field(32, ge=1, le=4096, description="images per encoder call")
+    workers: int = Field(2, ge=0, le=64, description="DataLoader worker processes decoding images")
+    shard_size: int = Field(1024, ge=1, description="vectors per on-disk shard (the unit of resume)")
+    index_key: str | None = Field(None, description="FAISS index factory key; None chooses from size and budget")
+    memory_budget_gb: float | None = Field(None, gt=0, description="RAM budget for the index when choosing its type")
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images are skipped as bombs")
+    progress: bool = True
