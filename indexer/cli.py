@@ -172,7 +172,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     hits = []
     for rank, (score, row) in enumerate(zip(scores[0], rows[0], strict=True), 1):
         meta = store.get(int(row))
-        hits.append({"rank": rank, "id": meta["id"], "score": round(float(score), 4), "captions": meta.get("captions", [])})
+        hits.append(
+            {"rank": rank, "id": meta["id"], "score": round(float(score), 4), "captions": meta.get("captions", [])}
+        )
     if args.json:
         print(json.dumps(hits, indent=2, ensure_ascii=False))
     else:

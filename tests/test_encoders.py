@@ -45,10 +45,16 @@ def test_text_must_be_a_list_of_strings(tiny_encoder):
     ("text", "expected"),
     [
         ("default", ENCODER_CONFIGS["default"]),
-        ("open_clip:ViT-B-32:laion2b_s34b_b79k", EncoderSpec(backend="open_clip", model="ViT-B-32", pretrained="laion2b_s34b_b79k")),
+        (
+            "open_clip:ViT-B-32:laion2b_s34b_b79k",
+            EncoderSpec(backend="open_clip", model="ViT-B-32", pretrained="laion2b_s34b_b79k"),
+        ),
         ("open_clip:ViT-B-32", EncoderSpec(backend="open_clip", model="ViT-B-32")),
         ("dual:efficientnet-lite2", EncoderSpec(backend="dual", model="efficientnet-lite2")),
-        ("dual:efficientnet-lite0:/models/minilm", EncoderSpec(backend="dual", model="efficientnet-lite0", text_model="/models/minilm")),
+        (
+            "dual:efficientnet-lite0:/models/minilm",
+            EncoderSpec(backend="dual", model="efficientnet-lite0", text_model="/models/minilm"),
+        ),
     ],
 )
 def test_parse_spec(text, expected):

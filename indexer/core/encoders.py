@@ -112,7 +112,9 @@ def parse_spec(text: str, **overrides: Any) -> EncoderSpec:
     backend, _, rest = text.partition(":")
     if backend not in ("open_clip", "dual") or not rest:
         known = ", ".join(sorted(ENCODER_CONFIGS))
-        raise BadInput(f"unknown encoder {text!r}: use one of {known}, open_clip:MODEL[:PRETRAINED] or dual:IMAGE[:TEXT]")
+        raise BadInput(
+            f"unknown encoder {text!r}: use one of {known}, open_clip:MODEL[:PRETRAINED] or dual:IMAGE[:TEXT]"
+        )
     model, _, extra = rest.partition(":")
     fields: dict[str, Any] = {"backend": backend, "model": model}
     if extra:
