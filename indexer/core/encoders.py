@@ -278,13 +278,16 @@ class _EffnetImage(ImageBackbone):
 
     def __init__(self, net: Any, size: int):
         super().__init__()
-        self.net = net
+        # Inference only: the plain swish and channels-last convolutions are ~4x faster in bf16 on CPU than the
+        # package's memory-efficient (autograd-function) swish with NCHW tensors (measured: 13 -> 54 images/s).
+        net.set_swish(memory_efficient=False)
+        self.net = net.to(memory_format=torch.channels_last)
         self.transform = EffnetTransform(size)
         self.out_dim = int(net._fc.in_features)
         self.fc = net._fc
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        feats = self.net.extract_features(pixels)
+        feats = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
         return feats.mean(dim=(2, 3))
 
 
