@@ -285,8 +285,9 @@ def build_index(
     if done:
         log.info("resuming: %d of %d images already done", len(records) - len(todo), len(records))
     stats = encode_records(encoder, todo, writer, settings, on_shard=on_shard)
+    skipped = writer.skipped()
     manifest = finalize(writer, out, encoder, settings, n_planned=len(records), stats=stats)
-    return BuildResult(manifest, Path(out), stats, resumed=len(records) - len(todo), skipped=writer.skipped())
+    return BuildResult(manifest, Path(out), stats, resumed=len(records) - len(todo), skipped=skipped)
 
 
 def finalize(

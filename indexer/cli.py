@@ -115,13 +115,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_add(args: argparse.Namespace) -> int:
     from indexer.build import add_images
-    from indexer.core.index_store import IndexStore
 
     settings = settings_from_args(args)
-    root = args.root or IndexStore.open(args.index).manifest.build.get("source_root")
+    encoder, store = encoder_for_index(args.index, args)  # the index's own encoder unless --encoder names one
+    root = args.root or store.manifest.build.get("source_root")
     if not root:
         raise SystemExit("the index records no source root; pass --root")
-    manifest, skipped = add_images(args.index, args.paths, settings, root=root)
+    manifest, skipped = add_images(args.index, args.paths, settings, root=root, encoder=encoder)
     print(f"index now holds {manifest.count} images; {len(skipped)} skipped")
     for rid, reason in skipped:
         print(f"  skipped {rid}: {reason}", file=sys.stderr)
