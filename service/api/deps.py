@@ -1,0 +1,70 @@
+"""Request-scoped access to the objects the lifespan put on ``app.state`` (no module globals), and the API key."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
+
+from service.errors import NotReady, Unauthorized
+from service.settings import ServiceSettings
+
+if TYPE_CHECKING:  # the engine pulls in torch/faiss; routes only need its types
+    from service.batching import Runner
+    from service.engine import Searcher
+    from service.observability import Metrics
+
+
+@dataclass
+class ServiceState:
+    """Everything the routes use, created by the lifespan and stored as ``app.state.service``."""
+
+    settings: ServiceSettings
+    metrics: Metrics
+    searcher: Searcher | None = None
+    text_runner: Runner[Any, Any] | None = None
+    image_runner: Runner[Any, Any] | None = None
+    ready: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def get_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+def get_ready_state(request: Request) -> ServiceState:
+    state = get_state(request)
+    if not state.ready or state.searcher is None:
+        raise NotReady("the service is starting or shutting down")
+    return state
+
+
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="needed when the service has keys")
+
+
+def _check_key(state: ServiceState, key: str | None) -> None:
+    keys = state.settings.api_keys
+    if not keys:
+        return
+    given = (key or "").encode()
+    if not any(hmac.compare_digest(given, k.get_secret_value().encode()) for k in keys):
+        raise Unauthorized("a valid X-API-Key header is required")
+
+
+def require_admin_key(request: Request, key: str | None = Security(api_key_header)) -> None:
+    """Admin routes: a key from ``api_keys`` when any are configured."""
+    _check_key(get_state(request), key)
+
+
+def require_search_key(request: Request, key: str | None = Security(api_key_header)) -> None:
+    """Search routes: a key only when ``protect_search`` is on."""
+    state = get_state(request)
+    if state.settings.protect_search:
+        _check_key(state, key)
+
+
+Ready = Depends(get_ready_state)

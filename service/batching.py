@@ -1,0 +1,236 @@
+"""Request micro-batching, independent of HTTP.
+
+:class:`MicroBatcher` puts each submitted item with an asyncio future on a bounded queue; one worker task takes up
+to ``max_batch`` items (waiting at most ``max_wait_ms`` for the batch to fill), runs the batch function in a thread
+so the event loop never blocks, and resolves the futures. A full queue raises :class:`Overloaded` at once (HTTP 429).
+:class:`DirectRunner` has the same interface with no batching (one thread call per item, bounded in-flight), for
+comparison and for deployments that want it.
+
+The batch function maps ``list[T]`` to a list of the same length whose entries are results or exception instances
+(a bad item fails alone, not its whole batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from indexer.core.errors import Overloaded
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+BatchFn = Callable[[list[T]], Sequence[R | BaseException]]
+
+
+@dataclass
+class BatcherStats:
+    submitted: int = 0
+    rejected: int = 0
+    batches: int = 0
+    items: int = 0
+    max_seen_batch: int = 0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+
+class BatchObserver(Protocol):
+    def __call__(self, size: int, seconds: float) -> None: ...
+
+
+class Runner(Protocol[T, R]):
+    """What the routes use: ``await runner.submit(item)``."""
+
+    stats: BatcherStats
+
+    async def submit(self, item: T) -> R: ...
+    def depth(self) -> int: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class MicroBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        fn: BatchFn[T, R],
+        *,
+        max_batch: int = 32,
+        max_wait_ms: float = 2.0,
+        queue_size: int = 256,
+        name: str = "batcher",
+        observer: BatchObserver | None = None,
+    ):
+        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch and queue_size must be >= 1, max_wait_ms >= 0")
+        self.fn = fn
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self.name = name
+        self.observer = observer
+        self.stats = BatcherStats()
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._accepting = False
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Create the queue and the worker task on the running loop."""
+        if self._worker is not None:
+            return
+        self._queue = asyncio.Queue(maxsize=self.queue_size)
+        self._accepting = True
+        self._worker = asyncio.create_task(self._run(), name=f"{self.name}-worker")
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let the worker finish everything already queued, then end it."""
+        self._accepting = False
+        if self._worker is None or self._queue is None:
+            return
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            log.warning("%s: %d queued items dropped at shutdown", self.name, self._queue.qsize())
+        self._worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._worker
+        self._worker = None
+        while not self._queue.empty():  # only after a timeout: fail the leftovers instead of leaving them hanging
+            _, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(Overloaded("the service is shutting down"))
+
+    def depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    # -- use -----------------------------------------------------------------------------------------------------
+    async def submit(self, item: T) -> R:
+        """Queue one item and wait for its result. Raises :class:`Overloaded` when the queue is full or stopping."""
+        if not self._accepting or self._queue is None:
+            self.stats.rejected += 1
+            raise Overloaded(f"{self.name} is not accepting requests (starting or shutting down)")
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait((item, fut))
+        except asyncio.QueueFull:
+            self.stats.rejected += 1
+            raise Overloaded(f"{self.name} queue is full ({self.queue_size} waiting); retry later") from None
+        self.stats.submitted += 1
+        return await fut
+
+    async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = await self._collect()
+            live = [(item, fut) for item, fut in batch if not fut.done()]  # drop callers that went away
+            try:
+                if live:
+                    await self._execute(live)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _execute(self, live: list[tuple[T, asyncio.Future[R]]]) -> None:
+        items = [item for item, _ in live]
+        t0 = time.perf_counter()
+        try:
+            results: Sequence[R | BaseException] = await asyncio.to_thread(self.fn, items)
+            if len(results) != len(items):
+                raise RuntimeError(f"{self.name}: batch function returned {len(results)} results for {len(items)}")
+        except Exception as exc:  # the whole batch failed: every caller gets the error
+            results = [exc] * len(items)
+        self.stats.batches += 1
+        self.stats.items += len(items)
+        self.stats.max_seen_batch = max(self.stats.max_seen_batch, len(items))
+        if self.observer is not None:
+            self.observer(len(items), time.perf_counter() - t0)
+        for (_, fut), res in zip(live, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+
+class DirectRunner(Generic[T, R]):
+    """No batching: each item is its own call in a thread; at most ``queue_size`` in flight, then Overloaded."""
+
+    def __init__(
+        self, fn: BatchFn[T, R], *, queue_size: int = 256, name: str = "direct", observer: BatchObserver | None = None
+    ):
+        self.fn = fn
+        self.queue_size = queue_size
+        self.name = name
+        self.observer = observer
+        self.stats = BatcherStats()
+        self._in_flight = 0
+        self._accepting = False
+        self._idle: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        self._accepting = True
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        self._accepting = False
+        if self._idle is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+
+    def depth(self) -> int:
+        return self._in_flight
+
+    async def submit(self, item: T) -> R:
+        if not self._accepting or self._in_flight >= self.queue_size:
+            self.stats.rejected += 1
+            raise Overloaded(f"{self.name}: {self._in_flight} requests in flight; retry later")
+        self.stats.submitted += 1
+        self._in_flight += 1
+        assert self._idle is not None
+        self._idle.clear()
+        try:
+            t0 = time.perf_counter()
+            (res,) = await asyncio.to_thread(self.fn, [item])
+            self.stats.batches += 1
+            self.stats.items += 1
+            self.stats.max_seen_batch = 1
+            if self.observer is not None:
+                self.observer(1, time.perf_counter() - t0)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        if isinstance(res, BaseException):
+            raise res
+        return res

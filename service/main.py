@@ -1,0 +1,179 @@
+"""The FastAPI app. ``create_app(settings)`` wires routes, error handlers and middleware; the lifespan builds the
+encoder, opens the index (manifest checked against the encoder identity), warms up and starts the micro-batchers.
+``main()`` is the ``retrieval-serve`` command (uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from service.api.deps import ServiceState, require_search_key
+from service.api.routes import admin, health, images, pages, search
+from service.errors import install_error_handlers
+from service.middleware import AccessLogMiddleware, BodyLimitMiddleware, RateLimitMiddleware, TokenBuckets
+from service.observability import Metrics, configure_logging
+from service.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from indexer.core.encoders import Encoder
+
+log = logging.getLogger("service")
+
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+def _make_runner(settings: ServiceSettings, fn: Any, name: str, metrics: Metrics) -> Any:
+    from service.batching import DirectRunner, MicroBatcher
+
+    observer = metrics.batch_observer(name)
+    if settings.batching:
+        return MicroBatcher(fn, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                            queue_size=settings.queue_size, name=f"{name}-batcher", observer=observer)
+    return DirectRunner(fn, queue_size=settings.queue_size, name=f"{name}-direct", observer=observer)
+
+
+def _lifespan(encoder: Encoder | None):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from service.engine import Searcher
+
+        state: ServiceState = app.state.service
+        cfg = state.settings
+        try:
+            if encoder is None:
+                from indexer.core.encoders import build_encoder
+
+                enc = await asyncio.to_thread(build_encoder, cfg.encoder.spec())
+            else:
+                enc = encoder
+            searcher = await asyncio.to_thread(
+                lambda: Searcher(
+                    enc, cfg.index_dir, image_root=cfg.image_root, cache_size=cfg.cache_size,
+                    thumb_cache_size=cfg.thumb_cache_size, thumb_size=cfg.thumb_size,
+                    max_query_chars=cfg.max_query_chars, max_top_k=cfg.max_top_k,
+                    max_image_pixels=cfg.max_image_pixels,
+                )
+            )
+        except Exception as exc:
+            log.error("cannot start the service: %s: %s", type(exc).__name__, exc,
+                      extra={"index_dir": str(cfg.index_dir), "encoder": cfg.encoder.name})
+            raise
+        if cfg.warmup:
+            await asyncio.to_thread(searcher.warmup)
+        state.searcher = searcher
+        state.text_runner = _make_runner(cfg, searcher.search_text_batch, "text", state.metrics)
+        state.image_runner = _make_runner(cfg, searcher.search_image_batch, "image", state.metrics)
+        await state.text_runner.start()
+        await state.image_runner.start()
+        state.metrics.index_vectors.set(len(searcher.store.ids))
+        state.metrics.index_generation.set(searcher.snapshot.generation)
+        state.ready = True
+        log.info("service ready", extra={"index_dir": str(cfg.index_dir), "count": len(searcher.store.ids),
+                                         "encoder": searcher.store.manifest.encoder_label,
+                                         "batching": cfg.batching})
+        try:
+            yield
+        finally:
+            state.ready = False  # readiness fails first, then queued work drains
+            await state.text_runner.stop()
+            await state.image_runner.stop()
+            log.info("service stopped")
+
+    return lifespan
+
+
+def create_app(settings: ServiceSettings | None = None, *, encoder: Encoder | None = None) -> FastAPI:
+    """Build the app. ``encoder``: an already built encoder to use instead of building ``settings.encoder``
+    (tests, embedding the service); it must match the index's manifest like any other."""
+    settings = settings or ServiceSettings()
+    app = FastAPI(
+        title="Text-to-image retrieval",
+        version="0.1.0",
+        description="Search an indexed image collection by text, by image upload or by indexed id.",
+        lifespan=_lifespan(encoder),
+    )
+    metrics = Metrics()
+    app.state.service = ServiceState(settings=settings, metrics=metrics)
+
+    install_error_handlers(app)
+    app.include_router(search.router)
+    app.include_router(health.router)
+    app.include_router(images.router)
+    app.include_router(admin.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
+    _ = require_search_key  # search/stats routers carry the key dependency themselves
+
+    # Middleware: the last added runs first. Order seen by a request: access log -> CORS -> rate limit -> body limit.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=settings.max_body_bytes,
+        limits={"/api/search/image": settings.max_upload_bytes + MULTIPART_OVERHEAD},
+    )
+    if settings.rate_limit.enabled:
+        app.add_middleware(RateLimitMiddleware, buckets=TokenBuckets(settings.rate_limit), metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "X-API-Key", "X-Request-ID"],
+        )
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log)
+    return app
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServiceSettings:
+    """CLI flags override environment variables (``SERVICE_*``), which override defaults."""
+    p = argparse.ArgumentParser(prog="retrieval-serve", description="Serve an index over HTTP.")
+    p.add_argument("index_dir", nargs="?", type=Path, help="index folder (default: SERVICE_INDEX_DIR)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--encoder", help="encoder name or spec (must match the index)")
+    p.add_argument("--heads", help="projection-head checkpoint")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device")
+    p.add_argument("--image-root", type=Path, help="image folder (default: the manifest's source_root)")
+    p.add_argument("--no-batching", action="store_true", help="encode each request on its own")
+    p.add_argument("--max-batch", type=int)
+    p.add_argument("--max-wait-ms", type=float)
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
+    args = p.parse_args(argv)
+    base = ServiceSettings()
+    update: dict[str, Any] = {}
+    for field in ("index_dir", "host", "port", "image_root", "max_batch", "max_wait_ms", "log_level"):
+        if getattr(args, field) is not None:
+            update[field] = getattr(args, field)
+    enc = {k: getattr(args, k if k != "name" else "encoder") for k in ("name", "heads", "precision", "device")}
+    enc = {k: v for k, v in enc.items() if v is not None}
+    if enc:
+        update["encoder"] = base.encoder.model_copy(update=enc)
+    if args.no_batching:
+        update["batching"] = False
+    if args.plain_logs:
+        update["log_json"] = False
+    return ServiceSettings.model_validate({**base.model_dump(), **update})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import uvicorn
+
+    settings = parse_args(argv)
+    configure_logging(settings.log_level, settings.log_json)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The service's one settings class. Environment: ``SERVICE_INDEX_DIR=/idx``, ``SERVICE_ENCODER__NAME=default``,
+``SERVICE_RATE_LIMIT__PER_SECOND=20``, ``SERVICE_API_KEYS='["k1","k2"]'`` ... Built when asked for, never at import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from indexer.core.settings import EncoderSettings
+
+#: Hard ceilings that appear in the OpenAPI schema; settings may only lower them.
+HARD_MAX_QUERY_CHARS = 2000
+HARD_MAX_TOP_K = 1000
+HARD_MAX_BATCH_QUERIES = 64
+
+
+class RateLimitSettings(BaseModel):
+    """Token bucket per client (API key if given, else the peer address). Off by default."""
+
+    enabled: bool = False
+    per_second: float = Field(20.0, gt=0, description="tokens added per second")
+    burst: int = Field(40, ge=1, description="bucket size")
+    max_clients: int = Field(10_000, ge=1, description="buckets kept (least recently seen are dropped)")
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the search service needs. CLI flags of ``retrieval-serve`` map onto these fields."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVICE_", env_nested_delimiter="__", extra="ignore")
+
+    index_dir: Path = Field(Path("index"), description="index folder written by the indexer")
+    encoder: EncoderSettings = EncoderSettings()
+    image_root: Path | None = Field(None, description="image folder; default: the manifest's build.source_root")
+
+    # micro-batching of text (and image) encoding
+    batching: bool = Field(True, description="False: every request runs the encoder on its own (for comparison)")
+    max_batch: int = Field(32, ge=1, le=1024, description="queries per encoder call")
+    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long the batcher waits to fill a batch")
+    queue_size: int = Field(256, ge=1, description="queued requests before 429")
+
+    cache_size: int = Field(4096, ge=0, description="LRU query-embedding cache entries (0: off)")
+    thumb_cache_size: int = Field(1024, ge=0, description="thumbnails kept in memory")
+    thumb_size: int = Field(256, ge=16, le=1024, description="longest side of a thumbnail, pixels")
+
+    # input limits
+    max_query_chars: int = Field(512, ge=1, le=HARD_MAX_QUERY_CHARS)
+    max_top_k: int = Field(100, ge=1, le=HARD_MAX_TOP_K)
+    default_top_k: int = Field(12, ge=1, le=HARD_MAX_TOP_K)
+    max_batch_queries: int = Field(32, ge=1, le=HARD_MAX_BATCH_QUERIES)
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="image upload limit")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="limit for every other request body")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded pixels above this are refused (bombs)")
+
+    # access
+    api_keys: list[SecretStr] = Field(default_factory=list, description="X-API-Key values; empty: no keys")
+    protect_search: bool = Field(False, description="with api_keys: require a key on every /api route, not only admin")
+    cors_origins: list[str] = Field(default_factory=list)
+    rate_limit: RateLimitSettings = RateLimitSettings()
+
+    # process
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = True
+    access_log: bool = True
+    warmup: bool = True
+    example_queries: list[str] = Field(
+        default_factory=lambda: [
+            "a dog running through the snow",
+            "children playing in a fountain",
+            "a man riding a bike on a dirt track",
+            "a surfer on a big wave",
+        ]
+    )
