@@ -149,7 +149,7 @@ def test_matches_brute_force_with_variable_caption_counts(block_bytes):
     txt = (img[t2i] + rng.normal(size=(len(t2i), d)) * 0.9).astype(np.float32)
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
     # dyadic values (multiples of 1/4): every dot product is exact in float32, and many scores tie
-    img, txt = np.round(img * 4) / 4, np.round(txt * 4) / 4
+    img, txt = (np.round(img * 4) / 4).astype(np.float32), (np.round(txt * 4) / 4).astype(np.float32)
     m = retrieval_metrics(img, txt, t2i, ks=(1, 3, 5), block_bytes=block_bytes)
     assert m["i2t"]["n_queries"] == int((counts > 0).sum())
     for k in (1, 3, 5):

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from PIL import Image
@@ -279,8 +279,10 @@ def _parse_csv(path: Path, text: str) -> _Parsed:
     delim = max(",|;\t", key=header_line.count)
     if header_line.count(delim) == 0:
         raise DatasetError(f"{path}:{first + 1}: unknown captions format (no CSV header, not Flickr 'token' lines)")
-    quoting = csv.QUOTE_NONE if delim == "|" else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(text), delimiter=delim, quoting=quoting, skipinitialspace=True)
+    if delim == "|":
+        reader = csv.reader(io.StringIO(text), delimiter=delim, quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(io.StringIO(text), delimiter=delim)
     parsed = _Parsed()
     header: list[str] | None = None
     img_col = cap_col = -1
@@ -555,9 +557,7 @@ def load_dataset(
         if want not in available:
             raise DatasetError(f"no split {split!r} in {src_path}; available: {', '.join(available)}")
         out = [r for r in out if r.split is not None and _canonical_split(r.split) == want]
-        missing_in_split = sum(
-            1 for k, s in splits.items() if _canonical_split(s) == want and k not in used_split_keys
-        )
+        missing_in_split = sum(1 for k, s in splits.items() if _canonical_split(s) == want and k not in used_split_keys)
         if missing_in_split:
             log.warning("%d image(s) of split %r have no file under %s", missing_in_split, split, root)
     return out
@@ -568,7 +568,8 @@ def load_dataset(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class LoadedItem(NamedTuple):
+@dataclass(frozen=True)
+class LoadedItem:
     """One dataset item: ``pixels`` (float tensor (3, H, W)) on success, else ``None`` and ``error`` (reason)."""
 
     index: int
