@@ -109,6 +109,15 @@ def test_jsonl_lists_single_captions_and_splits(tmp_path: Path):
     assert read_splits(f) == {"a.jpg": "train", "sub/b.jpg": "test"}
 
 
+def test_json_array_and_single_line_jsonl_txt(tmp_path: Path):
+    f = tmp_path / "captions.json"
+    f.write_text(json.dumps([{"image": "a.jpg", "captions": ["x"]}, {"file_name": "b.jpg", "caption": "y"}]))
+    assert read_captions(f) == {"a.jpg": ["x"], "b.jpg": ["y"]}
+    g = tmp_path / "captions.txt"
+    g.write_text(json.dumps({"image": "a.jpg", "captions": ["x"], "split": "dev"}) + "\n")
+    assert read_captions(g) == {"a.jpg": ["x"]} and read_splits(g) == {"a.jpg": "dev"}
+
+
 def test_kaggle_flickr8k_csv(tmp_path: Path):
     f = tmp_path / "captions.txt"
     f.write_text(

@@ -233,6 +233,10 @@ def _parse_json(path: Path, text: str) -> _Parsed:
             if isinstance(img.get("split"), str):
                 parsed.splits[key] = img["split"]
         return parsed
+    if isinstance(data, dict) and _pick(data, _IMAGE_KEYS) is not None:
+        # a single jsonl-style object (a one-line jsonl file without the .jsonl extension)
+        _add_entry(parsed, data, str(path))
+        return parsed
     if isinstance(data, list):
         # a JSON array of jsonl-style objects
         for i, obj in enumerate(data):

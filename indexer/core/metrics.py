@@ -92,9 +92,9 @@ def _positions_block(sim: np.ndarray, rel: np.ndarray) -> np.ndarray:
 def relevant_positions(sim: np.ndarray, relevant: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     """0-based positions (optimistic ties) of every relevant candidate of each query, ascending.
 
-    ``sim`` (n_queries, n_candidates) scores; ``relevant`` either (n_queries,) int (one relevant candidate each)
-    or a sequence of index arrays (any number >= 1 each). Returns (n_queries, max_relevant) int64, padded with a
-    value larger than any K.
+    ``sim`` (n_queries, n_candidates) scores; ``relevant`` either (n_queries,) int (one relevant candidate each),
+    (n_queries, m) int padded with -1, or a sequence of index arrays (any number >= 1 each).
+    Returns (n_queries, max_relevant) int64, padded with a value larger than any K.
     """
     sim = np.asarray(sim)
     if sim.ndim != 2:
