@@ -1,0 +1,124 @@
+"""Indexing speed on CPU: the naive way vs the batched job, fp32 vs bf16, and the full Flickr8k build.
+
+    python benchmarks/bench_index.py --data ../shared/data/flickr8k            # all 8,000 images (minutes)
+    python benchmarks/bench_index.py --data ../shared/data/flickr8k --quick    # a small subset
+
+Rows (same images, same encoder config, one run):
+- naive fp32: one image at a time, decoded in the main process, fp32 weights (what a first script would do)
+- batched fp32 / batched bf16: DataLoader with worker processes, batch 32 (the job's encode loop, no writing)
+- job bf16 (all images): `build_index` end to end — decode, encode, shards, FAISS index, atomic write
+Prints a markdown table with images/s and the ratio to the naive row, plus bf16-vs-fp32 agreement, and writes
+benchmarks/results/bench_index.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from indexer.build import build_index, plan_records  # noqa: E402
+from indexer.core.datasets import ImageLoadDataset, collate_skipping  # noqa: E402
+from indexer.core.encoders import build_encoder, parse_spec  # noqa: E402
+from indexer.core.images import load_image  # noqa: E402
+from indexer.core.metrics import retrieval_metrics  # noqa: E402
+from indexer.core.settings import EncoderSettings, IndexerSettings  # noqa: E402
+
+
+def naive(encoder, records) -> tuple[float, np.ndarray]:
+    start = time.perf_counter()
+    vecs = [encoder.encode_images([load_image(r.path)]) for r in records]
+    return time.perf_counter() - start, np.concatenate(vecs)
+
+
+def batched(encoder, records, batch_size: int, workers: int) -> tuple[float, np.ndarray]:
+    loader = DataLoader(ImageLoadDataset(records, encoder.image_transform), batch_size=batch_size,
+                        num_workers=workers, collate_fn=collate_skipping)
+    start = time.perf_counter()
+    vecs = [encoder.encode_pixels(b.pixels) for b in loader]
+    return time.perf_counter() - start, np.concatenate(vecs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/data/flickr8k")
+    ap.add_argument("--encoder", default="default")
+    ap.add_argument("--naive-n", type=int, default=200, help="images for the naive row")
+    ap.add_argument("--compare-n", type=int, default=1000, help="images (test split) for the fp32/bf16 rows")
+    ap.add_argument("--full", type=int, default=None, help="images for the job row (default: all)")
+    ap.add_argument("--quick", action="store_true", help="naive 50, compare 200, job 500")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+    if args.quick:
+        args.naive_n, args.compare_n, args.full = 50, 200, 500
+    torch.manual_seed(0)
+
+    test = plan_records(args.data, split="test", limit=args.compare_n)
+    enc32 = build_encoder(parse_spec(args.encoder, precision="fp32", device="cpu"))
+    enc16 = build_encoder(parse_spec(args.encoder, precision="bf16", device="cpu"))
+    rows = []
+    t, _ = naive(enc32, test[: args.naive_n])
+    naive_rate = len(test[: args.naive_n]) / t
+    rows.append(("naive fp32 (batch 1, no workers)", len(test[: args.naive_n]), t, naive_rate))
+    t32, v32 = batched(enc32, test, args.batch_size, args.workers)
+    rows.append((f"batched fp32 (batch {args.batch_size}, {args.workers} workers)", len(test), t32, len(test) / t32))
+    t16, v16 = batched(enc16, test, args.batch_size, args.workers)
+    rows.append((f"batched bf16 (batch {args.batch_size}, {args.workers} workers)", len(test), t16, len(test) / t16))
+
+    # agreement: cosine per image, and zero-shot retrieval with each precision's image vectors
+    cos = (v32 * v16).sum(1)
+    caps = [c for r in test for c in r.captions]
+    t2i = np.repeat(np.arange(len(test)), [len(r.captions) for r in test])
+    txt = np.concatenate([enc32.encode_text(caps[i : i + 256]) for i in range(0, len(caps), 256)])
+    m32 = retrieval_metrics(v32, txt, t2i)
+    m16 = retrieval_metrics(v16, txt, t2i)
+
+    all_records = plan_records(args.data, limit=args.full)
+    out = Path(tempfile.mkdtemp(prefix="bench-index-")) / "idx"
+    settings = IndexerSettings(encoder=EncoderSettings(name=args.encoder, precision="bf16", device="cpu"),
+                               batch_size=args.batch_size, workers=args.workers, progress=False)
+    start = time.perf_counter()
+    result = build_index(args.data, out, settings, limit=args.full, encoder=enc16)
+    tj = time.perf_counter() - start
+    rows.append((f"job bf16: build_index end to end ({len(all_records)} images)", result.manifest.count, tj,
+                 result.manifest.count / tj))
+    shutil.rmtree(out.parent, ignore_errors=True)
+
+    print(f"\n## Indexing speed — {args.encoder} ({enc16.spec.label()}), {os.cpu_count()} CPU cores, "
+          f"torch {torch.__version__}, {platform.processor() or platform.machine()}\n")
+    print("| mode | images | seconds | images/s | vs naive |")
+    print("|---|---:|---:|---:|---:|")
+    for name, n, secs, rate in rows:
+        print(f"| {name} | {n} | {secs:.1f} | {rate:.1f} | {rate / naive_rate:.1f}x |")
+    print(f"\nbf16 vs fp32 image embeddings over {len(test)} test images: cosine min {cos.min():.4f}, "
+          f"mean {cos.mean():.5f}")
+    print("zero-shot T→I R@1/5/10 with fp32 image vectors: "
+          f"{m32['t2i']['R@1']:.1f}/{m32['t2i']['R@5']:.1f}/{m32['t2i']['R@10']:.1f}; "
+          f"bf16: {m16['t2i']['R@1']:.1f}/{m16['t2i']['R@5']:.1f}/{m16['t2i']['R@10']:.1f}")
+    results = {
+        "encoder": enc16.spec.label(),
+        "rows": [{"mode": n, "images": c, "seconds": round(s, 2), "images_per_s": round(r, 2)} for n, c, s, r in rows],
+        "bf16_cosine_min": float(cos.min()), "bf16_cosine_mean": float(cos.mean()),
+        "zero_shot_fp32": m32, "zero_shot_bf16": m16,
+    }
+    dest = Path(__file__).parent / "results" / "bench_index.json"
+    dest.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {dest}")
+
+
+if __name__ == "__main__":
+    main()
