@@ -1,0 +1,329 @@
+"""Distributed indexing on a Ray cluster: ``python -m indexer build SRC --out DIR --engine ray``.
+
+The same job as :func:`indexer.build.build_index`, spread over a cluster with Ray Data::
+
+    plan_records (driver) ─► from_items ─► map_batches(decode)  ─► map_batches(EncodeActor) ─► shards ─► finalize
+                                            CPU tasks, any node     actor pool: one per GPU       (driver)  one index
+                                            read + decode + resize  (num_gpus=1), else CPU actors
+
+- Decoding (the CPU-heavy half) runs as stateless tasks on every CPU of the cluster; the encoder lives in a pool of
+  actors that each build it once: one actor per GPU (``num_gpus=1``, fp16 with ``--precision auto``) when the
+  cluster has GPUs, else CPU actors (bf16). Unreadable images are recorded as skipped, never fatal.
+- The driver streams the results in input order into the :class:`~indexer.build.ShardWriter` of the local engine,
+  so a Ray build is resumable exactly like a local one (rerun the command: committed shards are kept), and
+  :func:`~indexer.build.finalize` builds one FAISS index from all shards (IVF-PQ for large counts, chosen by
+  :func:`~indexer.core.index_store.choose_index_key`). The result equals a single-process build: same ids in the
+  same order, same vectors within float tolerance.
+- On a real cluster every node needs the package installed (or a ``runtime_env``) and must see the image files
+  and any local weights/head files at the same paths (shared storage); the driver writes the index.
+
+Encoder specs are sent to the workers as data (a resolved :class:`~indexer.core.encoders.EncoderSpec`), so named
+configs of the driver need no registration there; open_clip *model* configs that exist only in the driver process
+(tests, plugins) are passed along with ``open_clip_configs`` and registered in each worker.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from indexer.build import (
+    BuildResult,
+    EncodeStats,
+    ShardWriter,
+    finalize,
+    plan_records,
+    record_metadata,
+    source_root,
+    work_dir_for,
+)
+from indexer.core.encoders import EncoderSpec
+from indexer.core.errors import BadInput, EncoderUnavailable
+from indexer.core.settings import IndexerSettings
+
+if TYPE_CHECKING:
+    from indexer.core.encoders import Encoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RayPlan:
+    """How the job is laid out on the cluster."""
+
+    use_gpu: bool
+    actors: int
+    cpus_per_actor: float
+    decode_cpus: float
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker side (runs inside Ray worker processes)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _register_configs(configs: dict[str, dict[str, Any]] | None) -> None:
+    """Register driver-only open_clip model configs in this worker process (idempotent)."""
+    if not configs:
+        return
+    from indexer.core.encoders import register_open_clip_config
+
+    folder = Path(tempfile.mkdtemp(prefix="openclip-cfg-"))
+    for name, cfg in configs.items():
+        register_open_clip_config(name, cfg, folder)
+
+
+def _build(spec_data: dict[str, Any], configs: dict[str, dict[str, Any]] | None) -> Encoder:
+    from indexer.core.encoders import build_encoder
+
+    _register_configs(configs)
+    return build_encoder(EncoderSpec(**spec_data))
+
+
+def probe_encoder(spec_data: dict[str, Any], configs: dict[str, dict[str, Any]] | None) -> tuple[dict[str, Any], bytes]:
+    """Build the encoder once on a worker: its identity (for the shard writer) and its image transform, pickled.
+
+    The transform travels as bytes because unpickling it imports torchvision, which must come after
+    :mod:`indexer.core._torch_compat` (see :func:`_load_transform`).
+    """
+    import ray.cloudpickle
+
+    encoder = _build(spec_data, configs)
+    return encoder.identity(), ray.cloudpickle.dumps(encoder.image_transform)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_transform(blob: bytes) -> Any:
+    import pickle
+
+    from indexer.core import _torch_compat  # noqa: F401  (before torchvision is imported by unpickling)
+
+    return pickle.loads(blob)
+
+
+def decode_batch(batch: dict[str, np.ndarray], transform: bytes, max_pixels: int) -> dict[str, np.ndarray]:
+    """Ray Data task: ``{idx, path}`` -> ``{idx, pixels (n, 3, H, W) float32, error}``; never raises for a bad image.
+
+    Failed images keep their row (``error`` set, pixels zero) so the driver can record them as skipped.
+    """
+    from indexer.core.errors import BadImage
+    from indexer.core.images import load_image
+
+    fn = _load_transform(transform)
+    pixels: list[np.ndarray | None] = []
+    errors: list[str] = []
+    for path in batch["path"]:
+        try:
+            tensor = fn(load_image(str(path), max_pixels=max_pixels))
+            pixels.append(tensor.float().numpy())
+            errors.append("")
+        except BadImage as exc:
+            pixels.append(None)
+            errors.append(str(exc) or "unreadable image")
+    shape = next((p.shape for p in pixels if p is not None), (3, 1, 1))
+    stacked = np.stack([p if p is not None else np.zeros(shape, np.float32) for p in pixels]).astype(np.float32)
+    return {"idx": batch["idx"], "pixels": stacked, "error": np.asarray(errors, dtype=object)}
+
+
+class EncodeActor:
+    """Ray Data actor UDF: builds the encoder once, then ``{idx, pixels, error}`` -> ``{idx, vector, error}``."""
+
+    def __init__(self, spec_data: dict[str, Any], configs: dict[str, dict[str, Any]] | None, threads: int):
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.encoder = _build(spec_data, configs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        errors = batch["error"]
+        ok = np.asarray([not e for e in errors], dtype=bool)
+        vectors = np.zeros((len(errors), self.encoder.dim), np.float32)
+        if ok.any():
+            vectors[ok] = self.encoder.encode_pixels(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
+        return {"idx": batch["idx"], "vector": vectors, "error": errors}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver side
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def plan_cluster(
+    resources: dict[str, float],
+    spec: EncoderSpec,
+    *,
+    actors: int | None = None,
+    cpus_per_actor: float | None = None,
+) -> RayPlan:
+    """Lay the job out on the cluster's ``resources`` (``ray.cluster_resources()``): a pure function, tested.
+
+    GPUs (and a spec that allows them: device ``auto`` or ``cuda...``): one actor per GPU, one CPU each, the rest of
+    the CPUs decode. No GPUs: CPU actors of ``cpus_per_actor`` CPUs (default: half the cluster, at most 8 each)
+    and at least one CPU left for decoding.
+    """
+    gpus = int(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
+    wants_gpu = spec.device == "auto" or spec.device.startswith("cuda")
+    if spec.device.startswith("cuda") and gpus == 0:
+        raise EncoderUnavailable(f"device {spec.device!r} was asked for but the Ray cluster has no GPU")
+    if gpus and wants_gpu:
+        n = actors or gpus
+        return RayPlan(True, n, cpus_per_actor or 1.0, max(1.0, cpus - n * (cpus_per_actor or 1.0)))
+    per = cpus_per_actor or max(1.0, min(8.0, cpus // 2))
+    n = actors or max(1, int((cpus - 1) // per) if cpus > per else 1)
+    return RayPlan(False, n, per, max(1.0, cpus - n * per))
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> bool:
+    """Connect to ``address`` or start a local instance; True when this call started Ray (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        return True
+    # A local instance: workers must import this package the way the driver does (source checkout or install).
+    pkg_root = str(Path(__file__).resolve().parents[1])
+    pythonpath = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+    )
+    return True
+
+
+def build_with_ray(
+    src: str | Path,
+    out: str | Path,
+    settings: IndexerSettings | None = None,
+    *,
+    captions: str | Path | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    address: str | None = None,
+    actors: int | None = None,
+    cpus_per_actor: float | None = None,
+    num_cpus: int | None = None,
+    open_clip_configs: dict[str, dict[str, Any]] | None = None,
+) -> BuildResult:
+    """Index the images under ``src`` into ``out`` with Ray; resumes a partial build of the same job.
+
+    ``address``: a Ray cluster (``ray://...`` or ``auto``); None starts a local instance of ``num_cpus`` CPUs
+    (default: all), or uses the one already initialised in this process. ``actors``/``cpus_per_actor`` override
+    :func:`plan_cluster`. ``open_clip_configs``: model configs to register in every worker (name -> config).
+    """
+    import ray
+    import ray.data
+
+    settings = settings or IndexerSettings()
+    records = plan_records(src, captions=captions, split=split, limit=limit)
+    root = source_root(records)
+    spec = settings.encoder.spec()
+    spec_data = spec.model_dump()
+    started = _init_ray(address, num_cpus)
+    try:
+        plan = plan_cluster(ray.cluster_resources(), spec, actors=actors, cpus_per_actor=cpus_per_actor)
+        log.info("ray plan: %s", plan)
+        identity, transform = ray.get(
+            ray.remote(probe_encoder).options(num_cpus=1, num_gpus=1 if plan.use_gpu else 0).remote(
+                spec_data, open_clip_configs
+            )
+        )
+        writer = ShardWriter(work_dir_for(out), identity, root)
+        done = writer.done_ids()
+        todo = [r for r in records if r.id not in done]
+        if done:
+            log.info("resuming: %d of %d images already done", len(records) - len(todo), len(records))
+        stats = _run_pipeline(todo, writer, settings, plan, spec_data, open_clip_configs, transform)
+        skipped = writer.skipped()
+        manifest = finalize(
+            writer, out, None, settings, n_planned=len(records), stats=stats, encoder_spec=spec,
+            extra={"engine": "ray", "ray_actors": plan.actors, "ray_gpu": plan.use_gpu},
+        )
+    finally:
+        if started:
+            ray.shutdown()
+    return BuildResult(manifest, Path(out), stats, resumed=len(records) - len(todo), skipped=skipped)
+
+
+def _run_pipeline(
+    todo: Sequence[Any],
+    writer: ShardWriter,
+    settings: IndexerSettings,
+    plan: RayPlan,
+    spec_data: dict[str, Any],
+    configs: dict[str, dict[str, Any]] | None,
+    transform: bytes,
+) -> EncodeStats:
+    """Decode and encode ``todo`` on the cluster; commit results to ``writer`` in input order, shard by shard."""
+    import ray.data
+
+    stats = EncodeStats()
+    if not todo:
+        return stats
+    start = time.perf_counter()
+    items = [{"idx": i, "path": str(r.path)} for i, r in enumerate(todo)]
+    n_blocks = max(1, min(-(-len(items) // settings.batch_size), 256))  # about one decode task per batch
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    ds.context.execution_options.preserve_order = True  # shards in input order: same rows as the local engine
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"transform": transform, "max_pixels": settings.max_image_pixels},
+        batch_size=settings.batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+    ds = ds.map_batches(
+        EncodeActor,
+        fn_constructor_kwargs={"spec_data": spec_data, "configs": configs, "threads": int(plan.cpus_per_actor)},
+        batch_size=settings.batch_size,
+        batch_format="numpy",
+        num_cpus=plan.cpus_per_actor,
+        num_gpus=1 if plan.use_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+    )
+
+    buf_ids: list[str] = []
+    buf_vecs: list[np.ndarray] = []
+    buf_meta: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if buf_ids:
+            writer.write(buf_ids, np.concatenate(buf_vecs), buf_meta)
+            buf_ids.clear()
+            buf_vecs.clear()
+            buf_meta.clear()
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for idx, vec, err in zip(batch["idx"], batch["vector"], batch["error"], strict=True):
+            record = todo[int(idx)]
+            if err:
+                writer.skip(record.id, str(err))
+                stats.skipped += 1
+                continue
+            buf_ids.append(record.id)
+            buf_vecs.append(np.asarray(vec, np.float32)[None, :])
+            buf_meta.append(record_metadata(record))
+            stats.encoded += 1
+            if len(buf_ids) >= settings.shard_size:
+                flush()
+    flush()
+    stats.seconds = time.perf_counter() - start
+    if stats.encoded + stats.skipped != len(todo):
+        raise BadInput(f"ray pipeline returned {stats.encoded + stats.skipped} results for {len(todo)} images")
+    return stats

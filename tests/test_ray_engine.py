@@ -1,0 +1,104 @@
+"""The Ray engine: a local Ray instance builds the same index as the single-process engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from indexer.build import build_index, work_dir_for
+from indexer.core.encoders import EncoderSpec
+from indexer.core.errors import EncoderUnavailable
+from indexer.core.index_store import IndexStore, read_vectors
+from indexer.core.settings import EncoderSettings, IndexerSettings
+from indexer.ray_engine import RayPlan, plan_cluster
+from tests.conftest import TINY_CLIP_CONFIG, TINY_CLIP_NAME, make_images
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_encoder, tmp_path: Path) -> str:
+    """The tiny model's random weights saved as an open_clip checkpoint file: every process builds the same model."""
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_encoder.image_backbone.model.state_dict(), path)
+    return str(path)
+
+
+def _settings(ckpt: str, **kw) -> IndexerSettings:
+    enc = EncoderSettings(name=f"open_clip:{TINY_CLIP_NAME}:{ckpt}", precision="fp32", device="cpu")
+    base = {"encoder": enc, "batch_size": 4, "workers": 0, "shard_size": 5, "progress": False}
+    return IndexerSettings(**{**base, **kw})
+
+
+def test_ray_build_equals_local_build_and_resumes(tmp_path: Path, tiny_checkpoint: str) -> None:
+    from indexer.ray_engine import build_with_ray
+
+    src = tmp_path / "src"
+    make_images(src, 16)
+    (src / "zz_garbage.jpg").write_bytes(b"not an image")
+    settings = _settings(tiny_checkpoint)
+
+    local = build_index(src, tmp_path / "local", settings)
+
+    # an interrupted local build leaves one committed shard; the Ray engine must resume it, not redo it
+    out = tmp_path / "ray"
+
+    def stop(n: int) -> None:
+        if n == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        build_index(src, out, settings, on_shard=stop)
+    assert work_dir_for(out).is_dir()
+
+    result = build_with_ray(
+        src, out, settings, num_cpus=2, open_clip_configs={TINY_CLIP_NAME: TINY_CLIP_CONFIG}
+    )
+    assert result.resumed == 5 and result.stats.encoded == 11 and result.stats.skipped == 1
+    assert [rid for rid, _ in result.skipped] == ["zz_garbage.jpg"]
+    assert not work_dir_for(out).exists()
+
+    a, b = IndexStore.open(tmp_path / "local"), IndexStore.open(out)
+    assert b.ids == a.ids and len(b.ids) == 16, "same ids in the same order"
+    assert b.manifest.encoder == a.manifest.encoder, "same encoder identity: the service accepts either index"
+    assert b.manifest.index_key == a.manifest.index_key
+    assert b.manifest.build["engine"] == "ray"
+    va, vb = read_vectors(tmp_path / "local"), read_vectors(out)
+    np.testing.assert_allclose(vb, va, atol=1e-5)
+    assert [b.get(i) for i in range(16)] == [a.get(i) for i in range(16)], "same metadata rows"
+    skipped = [json.loads(line)["id"] for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert skipped == ["zz_garbage.jpg"] == [rid for rid, _ in local.skipped]
+
+
+def _spec(device: str = "auto") -> EncoderSpec:
+    return EncoderSpec(backend="open_clip", model=TINY_CLIP_NAME, device=device)
+
+
+@pytest.mark.parametrize(
+    ("resources", "device", "expected"),
+    [
+        # one GPU actor per GPU, one CPU each; the other CPUs decode
+        ({"CPU": 16, "GPU": 4}, "auto", RayPlan(True, 4, 1.0, 12.0)),
+        ({"CPU": 8, "GPU": 1}, "cuda", RayPlan(True, 1, 1.0, 7.0)),
+        # GPUs present but the spec pins the CPU: CPU actors
+        ({"CPU": 16, "GPU": 2}, "cpu", RayPlan(False, 1, 8.0, 8.0)),
+        # CPU only: actors of half the cluster (at most 8 CPUs), at least one CPU left to decode
+        ({"CPU": 2}, "auto", RayPlan(False, 1, 1.0, 1.0)),
+        ({"CPU": 64}, "auto", RayPlan(False, 7, 8.0, 8.0)),
+        ({"CPU": 1}, "auto", RayPlan(False, 1, 1.0, 1.0)),
+    ],
+)
+def test_plan_cluster(resources: dict[str, float], device: str, expected: RayPlan) -> None:
+    assert plan_cluster(resources, _spec(device)) == expected
+
+
+def test_plan_cluster_overrides_and_errors() -> None:
+    assert plan_cluster({"CPU": 8}, _spec(), actors=3, cpus_per_actor=2) == RayPlan(False, 3, 2.0, 2.0)
+    with pytest.raises(EncoderUnavailable, match="no GPU"):
+        plan_cluster({"CPU": 8}, _spec("cuda"))
