@@ -100,6 +100,7 @@ def create_app(settings: ServiceSettings | None = None, *, encoder: Encoder | No
         version="0.1.0",
         description="Search an indexed image collection by text, by image upload or by indexed id.",
         lifespan=_lifespan(encoder),
+        redirect_slashes=False,
     )
     metrics = Metrics()
     app.state.service = ServiceState(settings=settings, metrics=metrics)
