@@ -1,0 +1,179 @@
+"""Command line: ``python -m trainer features|train|eval`` (also installed as ``retrieval-train``).
+
+``train`` flags map one to one onto :class:`~trainer.config.TrainerSettings` fields (``--batch-size`` ->
+``batch_size``); unset flags fall back to ``TRAINER_*`` environment variables, then the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from indexer.core.errors import RetrievalError
+from trainer.config import TrainerSettings
+
+log = logging.getLogger("trainer")
+
+
+def _field_type(annotation: Any) -> tuple[Any, list[Any] | None]:
+    """argparse ``type`` and ``choices`` for a simple pydantic annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return type(args[0]), list(args)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _field_type(args[0])
+    return annotation, None
+
+
+def _add_settings_flags(p: argparse.ArgumentParser, skip: set[str]) -> None:
+    for name, field in TrainerSettings.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_ = f"{field.description or ''} (default: {field.default!r})".strip()
+        if field.annotation is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            typ, choices = _field_type(field.annotation)
+            p.add_argument(flag, dest=name, type=typ, choices=choices, default=None, help=help_)
+
+
+def settings_from_args(ns: argparse.Namespace) -> TrainerSettings:
+    """CLI values (those given) override environment and defaults."""
+    given = {k: v for k, v in vars(ns).items() if k in TrainerSettings.model_fields and v is not None}
+    return TrainerSettings(**given)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("features", help="compute and cache frozen-backbone features")
+    f.add_argument("--data", required=True)
+    f.add_argument("--captions")
+    f.add_argument("--split", help="only this split (default: every captioned image)")
+    f.add_argument("--encoder", default="default")
+    f.add_argument("--cache-dir")
+    f.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="also cache horizontally flipped views (training augmentation / test-time averaging)")
+    f.add_argument("--workers", type=int, default=2)
+    f.add_argument("--batch-size", type=int, default=64)
+
+    t = sub.add_parser("train", help="train projection heads on cached features")
+    _add_settings_flags(t, skip=set())
+
+    e = sub.add_parser("eval", help="retrieval metrics + plots on a split or captions file")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="test", help="train/dev/test, or 'all'")
+    e.add_argument("--captions")
+    e.add_argument("--encoder", default="default")
+    e.add_argument("--heads", help="head checkpoint (default: the encoder's zero-shot head)")
+    e.add_argument("--out", default="runs/eval")
+    e.add_argument("--cache-dir")
+    e.add_argument("--tta-flip", action="store_true", help="average centre and flipped image features")
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--grid", type=int, default=6, help="queries in the result grid (0: none)")
+    return p
+
+
+def cmd_features(ns: argparse.Namespace) -> dict[str, Any]:
+    from indexer.core.encoders import build_encoder, parse_spec
+    from trainer.evaluate import load_split
+    from trainer.features import FeatureCache, split_features
+
+    enc = build_encoder(parse_spec(ns.encoder))
+    records = load_split(ns.data, ns.captions, ns.split)
+    cache = FeatureCache(ns.cache_dir)
+    t0 = time.perf_counter()
+    feats = split_features(enc, records, cache, flip=ns.flip, batch_size=ns.batch_size, workers=ns.workers,
+                           progress=sys.stderr.isatty())
+    return {"encoder": enc.spec.label(), "images": len(feats.ids), "captions": len(feats.captions),
+            "flip": ns.flip, "cache_dir": str(cache.dir), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def run_train(cfg: TrainerSettings) -> dict[str, Any]:
+    """Feature caching + training; writes ``<out>/metrics.json`` and returns it."""
+    import torch
+
+    from indexer.core.encoders import build_encoder
+    from indexer.core.heads import file_sha256
+    from trainer.evaluate import load_split
+    from trainer.features import FeatureCache, split_features
+    from trainer.train import Trainer
+
+    torch.set_num_threads(cfg.threads)
+    spec = cfg.spec()
+    enc = build_encoder(spec)
+    cache = FeatureCache(cfg.cache_dir)
+    t0 = time.perf_counter()
+    progress = sys.stderr.isatty()
+    train_f = split_features(enc, load_split(cfg.data, cfg.captions, cfg.train_split), cache, flip=cfg.flip_aug,
+                             batch_size=cfg.feature_batch, workers=cfg.workers, progress=progress)
+    dev_f = split_features(enc, load_split(cfg.data, cfg.captions, cfg.dev_split), cache, flip=cfg.tta_flip,
+                           batch_size=cfg.feature_batch, workers=cfg.workers, progress=progress)
+    feature_s = time.perf_counter() - t0
+    identity = {k: v for k, v in spec.identity().items() if k != "heads_sha256"}
+    trainer = Trainer(cfg, train_f, dev_f, backend=spec.backend, identity=identity)
+    last = Path(cfg.out) / "last.pt"
+    if cfg.resume and last.is_file():
+        trainer.load_state(last)
+        log.info("resumed from %s at epoch %d (step %d)", last, trainer.epoch, trainer.step)
+    result = trainer.fit(on_epoch=lambda row: log.info(
+        "epoch %d loss %.4f dev %.2f", row["epoch"], row["loss"], row.get("dev_score", float("nan"))))
+    report = {
+        "encoder": spec.label(),
+        "head": trainer.head_cfg.model_dump(exclude={"encoder"}),
+        "config": cfg.model_dump(),
+        "best_epoch": result.best_epoch,
+        "best_dev_score": result.best_score,
+        "best_dev_metrics": result.best_metrics,
+        "stopped_early": result.stopped_early,
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 2),
+        "feature_seconds": round(feature_s, 2),
+        "threads": cfg.threads,
+        "best": str(result.best_path) if result.best_path else None,
+        "best_sha256": file_sha256(result.best_path) if result.best_path else None,
+        "history": result.history,
+    }
+    Path(cfg.out, "metrics.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        if ns.command == "features":
+            print(json.dumps(cmd_features(ns), indent=2))
+        elif ns.command == "train":
+            rep = run_train(settings_from_args(ns))
+            brief = {k: rep[k] for k in ("encoder", "best_epoch", "best_dev_score", "train_seconds", "best",
+                                         "best_sha256")}
+            if rep["best_dev_metrics"]:
+                brief["dev"] = {d: {k: round(rep["best_dev_metrics"][d][k], 2) for k in ("R@1", "R@5", "R@10")}
+                                for d in ("t2i", "i2t")}
+            print(json.dumps(brief, indent=2))
+        else:
+            from trainer.evaluate import run_eval, summary_table
+
+            rep = run_eval(ns.data, ns.encoder, heads=ns.heads, split=ns.split, captions=ns.captions, out=ns.out,
+                           cache_dir=ns.cache_dir, tta_flip=ns.tta_flip, workers=ns.workers, grid=ns.grid)
+            print(summary_table([rep]))
+            print(f"\nwrote {Path(ns.out) / 'metrics.json'}, recall_at_k.png, results_grid.png")
+    except RetrievalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

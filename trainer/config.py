@@ -1,0 +1,70 @@
+"""The trainer's settings: one pydantic-settings class, environment ``TRAINER_*`` (nested ``__``), CLI flags on top.
+
+Built when asked for (``TrainerSettings()``), never at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from indexer.core.encoders import EncoderSpec, parse_spec
+
+HeadChoice = Literal["auto", "linear", "mlp", "residual"]
+
+
+class TrainerSettings(BaseSettings):
+    """Everything ``python -m trainer`` needs. ``TRAINER_LR=3e-4``, ``TRAINER_LOSS=triplet`` ..."""
+
+    model_config = SettingsConfigDict(env_prefix="TRAINER_", env_nested_delimiter="__", extra="ignore")
+
+    # data and encoder
+    data: str = Field("../shared/data/flickr8k", description="image folder (or pack with images/ + captions)")
+    captions: str | None = Field(None, description="captions file; None: auto-discovered beside the images")
+    encoder: str = Field("default", description="registry name, open_clip:MODEL[:PRETRAINED] or dual:IMAGE[:TEXT]")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    cache_dir: str | None = Field(None, description="feature cache; default $RETRIEVAL_CACHE/features")
+    workers: int = Field(2, ge=0, le=64, description="DataLoader workers decoding images for the feature cache")
+    feature_batch: int = Field(64, ge=1, description="images per backbone call when caching features")
+    train_split: str = "train"
+    dev_split: str = "dev"
+
+    # heads
+    head: HeadChoice = Field("auto", description="auto: residual for open_clip, mlp for dual backbones")
+    out_dim: int | None = Field(None, ge=8, description="shared space size; None: 512 (dual) / backbone dim")
+    hidden: int = Field(1024, ge=8)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    standardize: bool = Field(True, description="train on standardised inputs (folded into the saved heads)")
+
+    # loss
+    loss: Literal["clip", "infonce", "triplet"] = "clip"
+    temperature: float = Field(0.07, gt=0, description="initial (clip) or fixed (infonce) temperature")
+    margin: float = Field(0.2, gt=0, description="triplet margin")
+
+    # optimisation
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(256, ge=2, description="pairs per step (distinct images)")
+    pairs: Literal["sample", "all"] = Field(
+        "sample", description="sample: one random caption per image per epoch; all: every caption every epoch"
+    )
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    flip_aug: bool = Field(True, description="train on the flipped-image features half of the time")
+    patience: int = Field(6, ge=1, description="epochs without dev improvement before stopping")
+    eval_every: int = Field(1, ge=1)
+    tta_flip: bool = Field(False, description="evaluate on the mean of centre and flipped image features")
+    seed: int = 0
+    threads: int = Field(2, ge=1)
+
+    out: str = Field("runs/heads", description="output folder: best.pt, last.pt, metrics.json, log.jsonl")
+    resume: bool = Field(False, description="continue from <out>/last.pt")
+
+    def spec(self) -> EncoderSpec:
+        """The backbone spec (no heads: the trainer makes those)."""
+        return parse_spec(self.encoder, precision=self.precision, device=self.device).model_copy(
+            update={"heads": None}
+        )

@@ -1,0 +1,378 @@
+"""Training projection heads on cached frozen-backbone features.
+
+- Model: a :class:`~indexer.core.heads.HeadPair` (``residual`` = identity at init for open_clip backbones, ``mlp`` /
+  ``linear`` into a shared space for dual backbones) plus the loss (which owns the learnable temperature).
+- Inputs are standardised with train-split statistics while training (``standardize``); the affine map is folded
+  into the heads' first layers when saving, so a checkpoint maps *raw* backbone features exactly as the encoder
+  applies it (``EncoderSpec(heads=path)``).
+- Batches: ``pairs="sample"`` draws one random caption of every training image per epoch (no two rows of a batch
+  come from the same image: no false negatives); ``pairs="all"`` uses every caption and masks same-image pairs out
+  of the negatives. ``flip_aug`` uses the horizontally flipped image's features half of the time.
+- AdamW, linear warm-up then cosine decay (per step), early stopping on the dev score = mean of R@1/5/10 in both
+  directions, ``best.pt`` (shippable heads) and ``last.pt`` (heads + full training state).
+- Reproducible: every epoch seeds its own generator (``seed``, epoch), so resuming from ``last.pt`` gives exactly
+  the steps an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from indexer.core.heads import HeadConfig, HeadPair, ProjectionHead, save_heads
+from indexer.core.metrics import retrieval_metrics
+from trainer.config import TrainerSettings
+from trainer.features import SplitFeatures
+from trainer.losses import ContrastiveLoss
+
+log = logging.getLogger(__name__)
+
+#: Dev score used for early stopping and model selection.
+SCORE_KEYS = ("R@1", "R@5", "R@10")
+
+
+def dev_score(metrics: dict[str, Any]) -> float:
+    """Mean of R@1/5/10 over text→image and image→text (percent)."""
+    return float(np.mean([metrics[d][k] for d in ("t2i", "i2t") for k in SCORE_KEYS]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def head_config(
+    cfg: TrainerSettings, image_in: int, text_in: int, backend: str, identity: dict[str, Any]
+) -> HeadConfig:
+    """Resolve ``auto`` choices: residual (identity at init) on open_clip, mlp into 512-d on dual backbones."""
+    kind = cfg.head
+    if kind == "auto":
+        kind = "residual" if backend == "open_clip" and image_in == text_in else "mlp"
+    out_dim = cfg.out_dim or (image_in if kind == "residual" else 512)
+    return HeadConfig(kind=kind, image_in=image_in, text_in=text_in, out_dim=out_dim, hidden=cfg.hidden,
+                      dropout=cfg.dropout, encoder=identity)
+
+
+class TrainModel(nn.Module):
+    """Heads + loss + input standardisation (buffers). ``embed_*``: raw features -> normalised embeddings."""
+
+    def __init__(self, heads: HeadPair, loss: ContrastiveLoss, image_in: int, text_in: int):
+        super().__init__()
+        self.heads = heads
+        self.loss = loss
+        self.register_buffer("img_mean", torch.zeros(image_in))
+        self.register_buffer("img_std", torch.ones(image_in))
+        self.register_buffer("txt_mean", torch.zeros(text_in))
+        self.register_buffer("txt_std", torch.ones(text_in))
+
+    def set_standardization(self, images: torch.Tensor, texts: torch.Tensor) -> None:
+        self.img_mean.copy_(images.mean(0))
+        self.img_std.copy_(images.std(0).clamp_min(1e-6))
+        self.txt_mean.copy_(texts.mean(0))
+        self.txt_std.copy_(texts.std(0).clamp_min(1e-6))
+
+    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.heads.image((x - self.img_mean) / self.img_std), dim=-1)
+
+    def embed_text(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.heads.text((x - self.txt_mean) / self.txt_std), dim=-1)
+
+    def folded_heads(self) -> HeadPair:
+        """A copy of the heads that takes raw features: ``W' = W / std``, ``b' = b - W' @ mean`` on input layers."""
+        heads = copy.deepcopy(self.heads).eval()
+        _fold(heads.image, self.img_mean, self.img_std)
+        _fold(heads.text, self.txt_mean, self.txt_std)
+        return heads
+
+
+def _input_layers(head: ProjectionHead) -> list[nn.Linear]:
+    if head.kind == "mlp":
+        return [head.proj, head.mlp[0]]  # type: ignore[list-item]
+    if head.kind == "linear":
+        return [head.proj]  # type: ignore[list-item]
+    return []
+
+
+@torch.no_grad()
+def _fold(head: ProjectionHead, mean: torch.Tensor, std: torch.Tensor) -> None:
+    if head.kind == "residual":
+        if not (torch.all(mean == 0) and torch.all(std == 1)):
+            raise ValueError("a residual head cannot absorb input standardisation; train it with standardize=False")
+        return
+    for layer in _input_layers(head):
+        layer.weight.div_(std[None, :])
+        layer.bias.sub_(layer.weight @ mean)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorSplit:
+    """A split's features as float32 tensors (see :class:`~trainer.features.SplitFeatures`)."""
+
+    images: torch.Tensor
+    images_flip: torch.Tensor | None
+    texts: torch.Tensor
+    text_image: torch.Tensor
+
+    @classmethod
+    def of(cls, f: SplitFeatures) -> TensorSplit:
+        flip = torch.from_numpy(np.asarray(f.images_flip, np.float32)) if f.images_flip is not None else None
+        return cls(torch.from_numpy(np.asarray(f.images, np.float32)), flip,
+                   torch.from_numpy(np.asarray(f.texts, np.float32)), torch.from_numpy(f.text_image).long())
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def epoch_batches(split: TensorSplit, cfg: TrainerSettings, epoch: int) -> list[Batch]:
+    """``(image_rows, caption_rows, use_flip)`` index tensors per step for one epoch; a pure function of
+    ``(seed, epoch)``. Incomplete last batches are dropped (the contrastive loss wants full batches)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    n_img = split.images.shape[0]
+    if cfg.pairs == "sample":
+        order = torch.argsort(split.text_image, stable=True)
+        counts = torch.bincount(split.text_image, minlength=n_img)
+        starts = torch.cumsum(counts, 0) - counts
+        valid = torch.nonzero(counts > 0).squeeze(1)
+        imgs = valid[torch.randperm(valid.numel(), generator=g)]
+        pick = (torch.rand(imgs.numel(), generator=g) * counts[imgs]).long()
+        caps = order[starts[imgs] + pick]
+    else:
+        caps = torch.randperm(split.texts.shape[0], generator=g)
+        imgs = split.text_image[caps]
+    flips = torch.rand(imgs.numel(), generator=g) < 0.5
+    if not cfg.flip_aug or split.images_flip is None:
+        flips = torch.zeros_like(flips)
+    bs = min(cfg.batch_size, imgs.numel())
+    n_steps = imgs.numel() // bs
+    return [(imgs[i * bs:(i + 1) * bs], caps[i * bs:(i + 1) * bs], flips[i * bs:(i + 1) * bs]) for i in range(n_steps)]
+
+
+def steps_per_epoch(split: TensorSplit, cfg: TrainerSettings) -> int:
+    n = int((torch.bincount(split.text_image) > 0).sum()) if cfg.pairs == "sample" else split.texts.shape[0]
+    return max(1, n // min(cfg.batch_size, n))
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation on features
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def embed_split(model: TrainModel, split: TensorSplit, tta_flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised ``(n_img, d)`` and ``(n_txt, d)`` float32 embeddings of a split under ``model``."""
+    was = model.training
+    model.eval()
+    images = split.images
+    if tta_flip and split.images_flip is not None:
+        images = (images + split.images_flip) / 2
+    img = model.embed_image(images).numpy()
+    txt = model.embed_text(split.texts).numpy()
+    model.train(was)
+    return img, txt
+
+
+def evaluate_model(model: TrainModel, split: TensorSplit, tta_flip: bool = False) -> dict[str, Any]:
+    img, txt = embed_split(model, split, tta_flip)
+    return retrieval_metrics(img, txt, split.text_image.numpy())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    best_path: Path | None
+    last_path: Path
+    best_epoch: int
+    best_score: float
+    best_metrics: dict[str, Any] | None
+    history: list[dict[str, Any]]
+    seconds: float
+    steps: int
+    stopped_early: bool
+
+
+class Trainer:
+    """Trains heads for ``cfg`` on ``train`` features, selecting on ``dev`` (may be None: no early stopping)."""
+
+    def __init__(
+        self,
+        cfg: TrainerSettings,
+        train: SplitFeatures | TensorSplit,
+        dev: SplitFeatures | TensorSplit | None,
+        backend: str = "dual",
+        identity: dict[str, Any] | None = None,
+    ):
+        self.cfg = cfg
+        self.train = train if isinstance(train, TensorSplit) else TensorSplit.of(train)
+        self.dev = dev if dev is None or isinstance(dev, TensorSplit) else TensorSplit.of(dev)
+        self.out = Path(cfg.out)
+        d_img, d_txt = self.train.images.shape[1], self.train.texts.shape[1]
+        self.head_cfg = head_config(cfg, d_img, d_txt, backend, identity or {})
+        torch.manual_seed(cfg.seed)
+        heads = HeadPair(self.head_cfg)
+        loss = ContrastiveLoss(cfg.loss, cfg.temperature, cfg.margin)
+        self.model = TrainModel(heads, loss, d_img, d_txt)
+        if cfg.standardize and self.head_cfg.kind != "residual":
+            self.model.set_standardization(self.train.images, self.train.texts)
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim < 2 or name.startswith("loss.") else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+        )
+        self.steps_per_epoch = steps_per_epoch(self.train, cfg)
+        total = self.steps_per_epoch * cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.warmup_steps, total))
+        self.epoch = 0  # epochs completed
+        self.step = 0
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.best_metrics: dict[str, Any] | None = None
+        self.bad_epochs = 0
+        self.history: list[dict[str, Any]] = []
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _extra(self, metrics: dict[str, Any] | None, with_state: bool) -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "config": self.cfg.model_dump(),
+            "metrics": metrics,
+            "epoch": self.epoch,
+            "step": self.step,
+            "temperature": self.model.loss.temperature,
+        }
+        if with_state:
+            extra["train_state"] = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "best_score": self.best_score,
+                "best_epoch": self.best_epoch,
+                "best_metrics": self.best_metrics,
+                "bad_epochs": self.bad_epochs,
+                "history": self.history,
+            }
+        return extra
+
+    def save(self, path: Path, metrics: dict[str, Any] | None, with_state: bool) -> str:
+        """Heads folded to take raw features (usable as ``EncoderSpec(heads=path)``); returns the SHA-256."""
+        return save_heads(self.model.folded_heads(), path, extra=self._extra(metrics, with_state))
+
+    def load_state(self, path: Path) -> None:
+        """Restore everything from a ``last.pt`` written by :meth:`save` with ``with_state=True``."""
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        state = blob["extra"]["train_state"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.best_score = float(state["best_score"])
+        self.best_epoch = int(state["best_epoch"])
+        self.best_metrics = state["best_metrics"]
+        self.bad_epochs = int(state["bad_epochs"])
+        self.history = list(state["history"])
+        self.epoch = int(blob["extra"]["epoch"])
+        self.step = int(blob["extra"]["step"])
+
+    # -- one epoch -----------------------------------------------------------------------------------------------
+    def train_epoch(self) -> float:
+        """Runs epoch ``self.epoch`` (0-based); returns the mean training loss."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed * 7919 + self.epoch)  # dropout
+        self.model.train()
+        flip_imgs = self.train.images_flip
+        losses = []
+        for imgs, caps, flips in epoch_batches(self.train, cfg, self.epoch):
+            x_img = self.train.images[imgs]
+            if flip_imgs is not None and bool(flips.any()):
+                x_img = torch.where(flips[:, None], flip_imgs[imgs], x_img)
+            x_txt = self.train.texts[caps]
+            groups = imgs if cfg.pairs == "all" else None
+            loss = self.model.loss(self.model.embed_image(x_img), self.model.embed_text(x_txt), groups)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            losses.append(float(loss.detach()))
+        self.epoch += 1
+        return float(np.mean(losses)) if losses else float("nan")
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def fit(
+        self, stop_after_epochs: int | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None
+    ) -> TrainResult:
+        """Train until ``cfg.epochs``, early stopping, or ``stop_after_epochs`` more epochs (tests, resumption)."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(cfg.threads)
+        t0 = time.perf_counter()
+        done_now = 0
+        stopped = False
+        while self.epoch < cfg.epochs:
+            if stop_after_epochs is not None and done_now >= stop_after_epochs:
+                break
+            te = time.perf_counter()
+            train_loss = self.train_epoch()
+            done_now += 1
+            row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "loss": train_loss,
+                                   "lr": self.scheduler.get_last_lr()[0], "temperature": self.model.loss.temperature}
+            metrics = None
+            if self.dev is not None and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
+                metrics = evaluate_model(self.model, self.dev, cfg.tta_flip)
+                score = dev_score(metrics)
+                row.update({"dev_score": score, **{f"dev_{d}_{k}": metrics[d][k] for d in ("t2i", "i2t")
+                                                   for k in SCORE_KEYS}})
+                if score > self.best_score:
+                    self.best_score, self.best_epoch, self.best_metrics = score, self.epoch, metrics
+                    self.bad_epochs = 0
+                    self.save(self.out / "best.pt", metrics, with_state=False)
+                else:
+                    self.bad_epochs += 1
+            row["seconds"] = time.perf_counter() - te
+            self.history.append(row)
+            if on_epoch:
+                on_epoch(row)
+            log.info("%s", json.dumps(row))
+            if self.dev is not None and self.bad_epochs >= cfg.patience:
+                stopped = True
+                self.save(self.out / "last.pt", metrics, with_state=True)
+                break
+            self.save(self.out / "last.pt", metrics, with_state=True)
+        if self.dev is None:
+            self.save(self.out / "best.pt", None, with_state=False)
+            self.best_epoch = self.epoch
+        best = self.out / "best.pt"
+        return TrainResult(best if best.is_file() else None, self.out / "last.pt", self.best_epoch, self.best_score,
+                           self.best_metrics, self.history, time.perf_counter() - t0, self.step, stopped)
