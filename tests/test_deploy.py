@@ -118,9 +118,10 @@ def test_index_volume_read_only_in_service_writable_in_indexer(compose: dict[str
 
 
 def test_healthchecks(compose: dict[str, Any]) -> None:
-    for name in ("gateway", "service"):
+    # the gateway is alive when it proxies /healthz; the service is healthy once ready (index and encoder loaded)
+    for name, path in (("gateway", "/healthz"), ("service", "/readyz")):
         hc = compose["services"][name]["healthcheck"]
-        assert any("/healthz" in str(part) for part in hc["test"]), name
+        assert any(path in str(part) for part in hc["test"]), name
         assert hc["retries"] >= 1 and hc["timeout"]
     assert compose["services"]["indexer"]["healthcheck"] == {"disable": True}
 
@@ -468,3 +469,15 @@ def test_nginx_gateway_behaviour(tmp_path: Path) -> None:
             statuses = list(pool.map(lambda _: request(port, "GET", "/api/search?q=x")[0], range(200)))
         assert set(statuses) == {200, 429} and statuses.count(200) >= 40, statuses
         assert all(request(port, "GET", "/healthz")[0] == 200 for _ in range(60))
+
+
+def test_gateway_and_healthchecks_match_the_service() -> None:
+    """The paths the deployment relies on exist in the service, and the edge body limit covers its upload limit."""
+    from service.main import create_app
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings(index_dir=Path("/nonexistent"))
+    paths = set(create_app(settings).openapi()["paths"])
+    assert {"/healthz", "/readyz", "/metrics", "/api/search", "/api/search/image"} <= paths
+    m = re.search(r"client_max_body_size (\d+)m;", NGINX_CONF.read_text())
+    assert m and int(m.group(1)) * 2**20 > settings.max_upload_bytes, "nginx must let the largest upload through"
