@@ -90,7 +90,7 @@ def _build(spec_data: dict[str, Any], configs: dict[str, dict[str, Any]] | None)
 
 
 def probe_encoder(spec_data: dict[str, Any], configs: dict[str, dict[str, Any]] | None) -> tuple[dict[str, Any], bytes]:
-    """Build the encoder once on a worker: its identity (for the shard writer) and its image transform, pickled.
+    """Build the encoder once: its identity (for the shard writer) and its image transform, pickled.
 
     The transform travels as bytes because unpickling it imports torchvision, which must come after
     :mod:`indexer.core._torch_compat` (see :func:`_load_transform`).
@@ -230,7 +230,7 @@ def build_with_ray(
     import ray
     import ray.data
 
-    settings = settings or IndexerSettings()
+    settings = settings or IndexerSettings.model_validate({})
     records = plan_records(src, captions=captions, split=split, limit=limit)
     root = source_root(records)
     spec = settings.encoder.spec()
@@ -239,11 +239,9 @@ def build_with_ray(
     try:
         plan = plan_cluster(ray.cluster_resources(), spec, actors=actors, cpus_per_actor=cpus_per_actor)
         log.info("ray plan: %s", plan)
-        identity, transform = ray.get(
-            ray.remote(probe_encoder).options(num_cpus=1, num_gpus=1 if plan.use_gpu else 0).remote(
-                spec_data, open_clip_configs
-            )
-        )
+        # The driver builds the encoder once, on its CPU, for the identity the shards are checked against and for
+        # the image transform the decode tasks apply (device and precision do not change either).
+        identity, transform = probe_encoder({**spec_data, "device": "cpu"}, None)
         writer = ShardWriter(work_dir_for(out), identity, root)
         done = writer.done_ids()
         todo = [r for r in records if r.id not in done]
@@ -279,7 +277,7 @@ def _run_pipeline(
     start = time.perf_counter()
     items = [{"idx": i, "path": str(r.path)} for i, r in enumerate(todo)]
     n_blocks = max(1, min(-(-len(items) // settings.batch_size), 256))  # about one decode task per batch
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    ds: Any = ray.data.from_items(items, override_num_blocks=n_blocks)
     ds.context.execution_options.preserve_order = True  # shards in input order: same rows as the local engine
     ds = ds.map_batches(
         decode_batch,

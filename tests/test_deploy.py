@@ -455,8 +455,9 @@ def test_nginx_gateway_behaviour(tmp_path: Path) -> None:
         seen = {k.lower(): v for k, v in _Upstream.seen_headers.items()}
         assert seen["x-forwarded-for"] == "127.0.0.1" and seen["x-request-id"]
 
-        # /metrics stays internal
+        # /metrics and the admin routes stay internal
         assert request(port, "GET", "/metrics")[0] == 404
+        assert request(port, "POST", "/api/admin/reload", body=b"{}")[0] == 403
 
         # an upload of 10 MiB passes, one of 12 MiB is refused at the edge
         status, _, body = request(port, "POST", "/api/search/image", body=b"x" * (10 * 2**20))
