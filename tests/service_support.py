@@ -10,9 +10,8 @@ from typing import Any
 
 import httpx
 import numpy as np
-from PIL import Image
-
 from conftest import make_images
+from PIL import Image
 
 CAPTIONS = ["a red square", "a blue circle", "a green field", "a dog in the snow", "a cat on a sofa",
             "children playing", "a surfer on a wave", "a mountain lake", "a city at night", "a bowl of fruit",

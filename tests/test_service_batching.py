@@ -116,7 +116,7 @@ async def test_event_loop_not_blocked_while_encoding():
 
 
 async def test_cancelled_caller_does_not_break_the_worker():
-    fn, calls = slow_double(0.05)
+    fn, _ = slow_double(0.05)
     b = MicroBatcher(fn, max_batch=2, max_wait_ms=0)
     await b.start()
     t = asyncio.create_task(b.submit(1))
