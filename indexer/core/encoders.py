@@ -65,6 +65,7 @@ class EncoderSpec(BaseModel):
     def identity(self) -> dict[str, Any]:
         """The parts that change the embedding space: backend, model, weights, heads (files by SHA-256)."""
         return {
+            "impl": ENCODER_IMPL_VERSION,
             "backend": self.backend,
             "model": self.model,
             "pretrained": _weights_id(self.pretrained),
@@ -82,6 +83,11 @@ class EncoderSpec(BaseModel):
 
 
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
+
+#: Bumped whenever a code change alters the embeddings an unchanged spec produces (preprocessing, pooling, the
+#: label bridge...). It is part of the identity, so indexes and feature caches made by older code are refused or
+#: recomputed instead of silently mixed with new vectors.
+ENCODER_IMPL_VERSION = 2
 
 #: Named encoder configs (``--encoder NAME``). Tests and plugins add theirs with :func:`register_encoder_config`.
 ENCODER_CONFIGS: dict[str, EncoderSpec] = {
@@ -278,9 +284,8 @@ class _EffnetImage(ImageBackbone):
 
     def __init__(self, net: Any, size: int):
         super().__init__()
-        # Inference only: the plain swish and channels-last convolutions are ~4x faster in bf16 on CPU than the
-        # package's memory-efficient (autograd-function) swish with NCHW tensors (measured: 13 -> 54 images/s).
-        net.set_swish(memory_efficient=False)
+        # Channels-last convolutions are faster on CPU (oneDNN). Never call net.set_swish(): the Lite variants use
+        # ReLU6, and set_swish would silently replace it with swish (wrong features).
         self.net = net.to(memory_format=torch.channels_last)
         self.transform = EffnetTransform(size)
         self.out_dim = int(net._fc.in_features)
