@@ -292,3 +292,15 @@ def test_cli_train_then_eval(tmp_path: Path, image_folder: Path, tiny_clip_spec:
     assert len(metrics["recall_curve"]["i2t"]) == 12  # K capped at the number of images
     for png in ("recall_at_k.png", "results_grid.png"):
         assert (ev / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.cli import _parser, settings_from_args
+
+    monkeypatch.setenv("TRAINER_LR", "0.0003")
+    monkeypatch.setenv("TRAINER_LOSS", "triplet")
+    ns = _parser().parse_args(["train", "--batch-size", "64", "--loss", "infonce", "--no-flip-aug"])
+    cfg = settings_from_args(ns)
+    assert cfg.lr == pytest.approx(3e-4)  # environment
+    assert (cfg.batch_size, cfg.loss, cfg.flip_aug) == (64, "infonce", False)  # flags win over environment
+    assert cfg.spec().heads is None

@@ -21,47 +21,47 @@ class TrainerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRAINER_", env_nested_delimiter="__", extra="ignore")
 
     # data and encoder
-    data: str = Field("../shared/data/flickr8k", description="image folder (or pack with images/ + captions)")
-    captions: str | None = Field(None, description="captions file; None: auto-discovered beside the images")
-    encoder: str = Field("default", description="registry name, open_clip:MODEL[:PRETRAINED] or dual:IMAGE[:TEXT]")
+    data: str = Field(default="../shared/data/flickr8k", description="image folder or pack")
+    captions: str | None = Field(default=None, description="captions file (None: auto-discovered)")
+    encoder: str = Field(default="default", description="registry name or spec string")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
-    cache_dir: str | None = Field(None, description="feature cache; default $RETRIEVAL_CACHE/features")
-    workers: int = Field(2, ge=0, le=64, description="DataLoader workers decoding images for the feature cache")
-    feature_batch: int = Field(64, ge=1, description="images per backbone call when caching features")
+    cache_dir: str | None = Field(default=None, description="feature cache; default $RETRIEVAL_CACHE/features")
+    workers: int = Field(default=2, ge=0, le=64, description="image decoding workers")
+    feature_batch: int = Field(default=64, ge=1, description="images per backbone call when caching features")
     train_split: str = "train"
     dev_split: str = "dev"
 
     # heads
-    head: HeadChoice = Field("auto", description="auto: residual for open_clip, mlp for dual backbones")
-    out_dim: int | None = Field(None, ge=8, description="shared space size; None: 512 (dual) / backbone dim")
-    hidden: int = Field(1024, ge=8)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    standardize: bool = Field(True, description="train on standardised inputs (folded into the saved heads)")
+    head: HeadChoice = Field(default="auto", description="auto: residual for open_clip, mlp for dual backbones")
+    out_dim: int | None = Field(default=None, ge=8, description="shared space size (None: 512 / backbone dim)")
+    hidden: int = Field(default=1024, ge=8)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    standardize: bool = Field(default=True, description="train on standardised inputs (folded into saved heads)")
 
     # loss
     loss: Literal["clip", "infonce", "triplet"] = "clip"
-    temperature: float = Field(0.07, gt=0, description="initial (clip) or fixed (infonce) temperature")
-    margin: float = Field(0.2, gt=0, description="triplet margin")
+    temperature: float = Field(default=0.07, gt=0, description="initial (clip) or fixed (infonce) temperature")
+    margin: float = Field(default=0.2, gt=0, description="triplet margin")
 
     # optimisation
-    epochs: int = Field(40, ge=1)
-    batch_size: int = Field(256, ge=2, description="pairs per step (distinct images)")
+    epochs: int = Field(default=40, ge=1)
+    batch_size: int = Field(default=256, ge=2, description="pairs per step (distinct images)")
     pairs: Literal["sample", "all"] = Field(
-        "sample", description="sample: one random caption per image per epoch; all: every caption every epoch"
+        default="sample", description="sample: one random caption per image per epoch; all: every caption every epoch"
     )
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_steps: int = Field(50, ge=0)
-    flip_aug: bool = Field(True, description="train on the flipped-image features half of the time")
-    patience: int = Field(6, ge=1, description="epochs without dev improvement before stopping")
-    eval_every: int = Field(1, ge=1)
-    tta_flip: bool = Field(False, description="evaluate on the mean of centre and flipped image features")
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_steps: int = Field(default=50, ge=0)
+    flip_aug: bool = Field(default=True, description="train on the flipped-image features half of the time")
+    patience: int = Field(default=6, ge=1, description="epochs without dev improvement before stopping")
+    eval_every: int = Field(default=1, ge=1)
+    tta_flip: bool = Field(default=False, description="evaluate on the mean of centre and flipped image features")
     seed: int = 0
-    threads: int = Field(2, ge=1)
+    threads: int = Field(default=2, ge=1)
 
-    out: str = Field("runs/heads", description="output folder: best.pt, last.pt, metrics.json, log.jsonl")
-    resume: bool = Field(False, description="continue from <out>/last.pt")
+    out: str = Field(default="runs/heads", description="output folder: best.pt, last.pt, metrics.json")
+    resume: bool = Field(default=False, description="continue from <out>/last.pt")
 
     def spec(self) -> EncoderSpec:
         """The backbone spec (no heads: the trainer makes those)."""

@@ -64,6 +64,8 @@ class ContrastiveLoss(nn.Module):
     - ``triplet``: hinge with the hardest in-batch negative, ``margin``.
     """
 
+    log_scale: torch.Tensor
+
     def __init__(self, name: LossName = "clip", temperature: float = 0.07, margin: float = 0.2):
         super().__init__()
         self.name = name

@@ -68,6 +68,11 @@ def head_config(
 class TrainModel(nn.Module):
     """Heads + loss + input standardisation (buffers). ``embed_*``: raw features -> normalised embeddings."""
 
+    img_mean: torch.Tensor
+    img_std: torch.Tensor
+    txt_mean: torch.Tensor
+    txt_std: torch.Tensor
+
     def __init__(self, heads: HeadPair, loss: ContrastiveLoss, image_in: int, text_in: int):
         super().__init__()
         self.heads = heads
@@ -246,7 +251,8 @@ class Trainer:
         self.model = TrainModel(heads, loss, d_img, d_txt)
         if cfg.standardize and self.head_cfg.kind != "residual":
             self.model.set_standardization(self.train.images, self.train.texts)
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, p in self.model.named_parameters():
             (no_decay if p.ndim < 2 or name.startswith("loss.") else decay).append(p)
         self.optimizer = torch.optim.AdamW(
