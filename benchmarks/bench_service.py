@@ -1,0 +1,331 @@
+"""Search service over real HTTP: latency and throughput with the micro-batcher on vs off, plus a bounded load test.
+
+    python benchmarks/bench_service.py --data ../shared/data/flickr8k            # (also: make bench-service)
+
+What it does
+1. Makes sure an index of the Flickr8k images exists (``--index``, default ``out/bench-flickr8k-index``; built once
+   with ``python -m indexer build DATA --out DIR --encoder ENCODER`` and reused after).
+2. For each mode (micro-batcher on, then off) starts ``python -m service`` as its own process on 127.0.0.1 (a free
+   port; nothing else is contacted), waits for ``/readyz``, and sends text queries at concurrency 1, 8 and 64 from
+   one asyncio client. Every query is a distinct Flickr8k caption, so the query cache never answers: the numbers
+   are encoder + index + HTTP. Reports p50/p99 latency and queries/s, side by side, with on/off ratios.
+3. A bounded load test against the batching server: a fixed number of mixed requests (text POST/GET, batch,
+   similar-by-id, thumbnails, stats, and deliberately bad requests) at concurrency 64 under a time limit. It
+   reports the status counts, the 5xx count and the lost-request count (sent minus answered); both must be 0.
+
+The machine is shared and has 2 cores: numbers move by +-20% run to run. Results also go to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_captions(data: Path) -> list[str]:
+    caps: list[str] = []
+    with open(data / "captions.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            caps.extend(c.strip() for c in json.loads(line).get("captions", []) if c.strip())
+    uniq = list(dict.fromkeys(caps))
+    random.Random(0).shuffle(uniq)
+    return uniq
+
+
+def ensure_index(data: Path, index: Path, encoder: str, limit: int | None = None) -> None:
+    if (index / "manifest.json").is_file():
+        return
+    print(f"building the index of {data} into {index} (once) ...", flush=True)
+    cmd = [sys.executable, "-m", "indexer", "build", str(data), "--out", str(index), "--encoder", encoder,
+           "--no-progress", *(["--limit", str(limit)] if limit else [])]
+    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``python -m service`` in a subprocess on 127.0.0.1."""
+
+    def __init__(self, index: Path, encoder: str, batching: bool, extra_env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "SERVICE_INDEX_DIR": str(index),
+            "SERVICE_ENCODER__NAME": encoder,
+            "SERVICE_BATCHING": "true" if batching else "false",
+            "SERVICE_ACCESS_LOG": "false",
+            "SERVICE_LOG_LEVEL": "warning",
+            "SERVICE_HOST": "127.0.0.1",
+            "SERVICE_PORT": str(self.port),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            **(extra_env or {}),
+        }
+        self.log = open(REPO / "out" / f"bench-service-{'on' if batching else 'off'}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the service exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit("the service did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+async def run_level(url: str, queries: list[str], concurrency: int, top_k: int = 10) -> dict[str, Any]:
+    """Send every query once, ``concurrency`` at a time; latency per request and overall queries/s."""
+    latencies: list[float] = []
+    statuses: Counter[int] = Counter()
+    it = iter(queries)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+
+        async def worker() -> None:
+            for q in it:
+                t0 = time.perf_counter()
+                r = await client.post("/api/search", json={"query": q, "top_k": top_k})
+                latencies.append(time.perf_counter() - t0)
+                statuses[r.status_code] += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": len(queries),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "qps": len(queries) / wall,
+        "statuses": dict(statuses),
+    }
+
+
+def bench_mode(index: Path, encoder: str, batching: bool, levels: list[int], n_per_level: dict[int, int],
+               captions: list[str], offset: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    server = Server(index, encoder, batching)
+    try:
+        t0 = time.perf_counter()
+        server.wait_ready()
+        startup = time.perf_counter() - t0
+        results = []
+        pos = offset
+        for c in levels:
+            warm = captions[pos:pos + 2 * c]
+            pos += len(warm)
+            asyncio.run(run_level(server.url, warm, c))
+            qs = captions[pos:pos + n_per_level[c]]
+            pos += len(qs)
+            res = asyncio.run(run_level(server.url, qs, c))
+            res["mode"] = "on" if batching else "off"
+            results.append(res)
+            print(f"  batching {res['mode']:3s} c={c:<3d} p50 {res['p50_ms']:7.1f} ms  p99 {res['p99_ms']:7.1f} ms  "
+                  f"{res['qps']:7.1f} q/s  {res['statuses']}", flush=True)
+        stats = httpx.get(server.url + "/api/stats", timeout=10).json()
+        return results, {"startup_s": startup, "text_queue": stats["text_queue"], "count": stats["count"],
+                         "encoder": stats["encoder"], "index_key": stats["index_key"]}
+    finally:
+        server.stop()
+
+
+async def load_test(url: str, captions: list[str], ids: list[str], total: int, concurrency: int,
+                    time_limit: float) -> dict[str, Any]:
+    """A fixed mix of ``total`` requests; counts statuses, 5xx and lost requests (sent but never answered)."""
+    rng = random.Random(1)
+    kinds = (["text"] * 40 + ["get"] * 15 + ["batch"] * 5 + ["similar"] * 10 + ["thumb"] * 10 + ["stats"] * 5
+             + ["bad_query"] * 5 + ["bad_k"] * 5 + ["traversal"] * 3 + ["bad_image"] * 2)
+    plan = [rng.choice(kinds) for _ in range(total)]
+    sent = answered = 0
+    statuses: Counter[int] = Counter()
+    by_kind: dict[str, Counter[int]] = {}
+    errors: Counter[str] = Counter()
+    queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+    for i, k in enumerate(plan):
+        queue.put_nowait((i, k))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    deadline = time.monotonic() + time_limit
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+
+        async def one(i: int, kind: str) -> httpx.Response:
+            q = captions[i % len(captions)]
+            if kind == "text":
+                return await client.post("/api/search", json={"query": q, "top_k": 10})
+            if kind == "get":
+                return await client.get("/api/search", params={"q": q, "top_k": 24})
+            if kind == "batch":
+                return await client.post("/api/search/batch", json={"queries": captions[i:i + 4], "top_k": 5})
+            if kind == "similar":
+                return await client.get(f"/api/search/similar/{rng.choice(ids)}", params={"top_k": 10})
+            if kind == "thumb":
+                return await client.get(f"/thumbs/{rng.choice(ids)}")
+            if kind == "stats":
+                return await client.get("/api/stats")
+            if kind == "bad_query":
+                return await client.post("/api/search", json={"query": rng.choice(["", "   ", "x" * 10_000])})
+            if kind == "bad_k":
+                return await client.post("/api/search", json={"query": q, "top_k": rng.choice([0, -1, 10**9, "x"])})
+            if kind == "traversal":
+                return await client.get("/images/..%2F..%2F..%2Fetc%2Fpasswd")
+            return await client.post("/api/search/image", files={"file": ("x.jpg", b"\xff\xd8\xff" + b"0" * 500)})
+
+        async def worker() -> None:
+            nonlocal sent, answered
+            while not queue.empty() and time.monotonic() < deadline:
+                i, kind = queue.get_nowait()
+                sent += 1
+                try:
+                    r = await one(i, kind)
+                except httpx.HTTPError as exc:
+                    errors[type(exc).__name__] += 1
+                    continue
+                answered += 1
+                statuses[r.status_code] += 1
+                by_kind.setdefault(kind, Counter())[r.status_code] += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {
+        "planned": total,
+        "sent": sent,
+        "answered": answered,
+        "lost": sent - answered,
+        "not_sent_before_time_limit": total - sent,
+        "server_errors_5xx": sum(v for k, v in statuses.items() if k >= 500),
+        "statuses": dict(sorted(statuses.items())),
+        "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
+        "client_errors": dict(errors),
+        "seconds": wall,
+        "rps": answered / wall,
+        "concurrency": concurrency,
+        "time_limit_s": time_limit,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def table(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> str:
+    rows = [
+        "| concurrency | p50 on (ms) | p50 off (ms) | p99 on (ms) | p99 off (ms) | q/s on | q/s off | q/s on/off |"
+        " p99 off/on |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for a, b in zip(on, off, strict=True):
+        rows.append(
+            f"| {a['concurrency']} | {a['p50_ms']:.1f} | {b['p50_ms']:.1f} | {a['p99_ms']:.1f} | {b['p99_ms']:.1f} "
+            f"| {a['qps']:.1f} | {b['qps']:.1f} | {a['qps'] / b['qps']:.2f}x | {b['p99_ms'] / a['p99_ms']:.2f}x |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "flickr8k")
+    p.add_argument("--index", type=Path, default=REPO / "out" / "bench-flickr8k-index")
+    p.add_argument("--encoder", default="default")
+    p.add_argument("--limit", type=int, help="index only the first N images (quick trial runs; use another --index)")
+    p.add_argument("--concurrency", default="1,8,64")
+    p.add_argument("--requests", type=int, default=200, help="measured requests per level (at least 4x concurrency)")
+    p.add_argument("--load-requests", type=int, default=3000)
+    p.add_argument("--load-time-limit", type=float, default=180.0)
+    p.add_argument("--out", type=Path, default=REPO / "bench-results" / "service.json")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    (REPO / "out").mkdir(exist_ok=True)
+    ensure_index(args.data, args.index, args.encoder, args.limit)
+    captions = load_captions(args.data)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    n = {c: max(args.requests, 4 * c) for c in levels}
+    need = sum(n[c] + 2 * c for c in levels)
+    if need > len(captions):
+        raise SystemExit(f"need {need} distinct captions, have {len(captions)}")
+    ids = [json.loads(line)["id"] for line in (args.index / "meta.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    print(f"index {args.index} ({len(ids)} images), encoder {args.encoder}, levels {levels}, "
+          f"{n} requests per level; cpu count {os.cpu_count()}", flush=True)
+    on, on_info = bench_mode(args.index, args.encoder, True, levels, n, captions, offset=0)
+    off, off_info = bench_mode(args.index, args.encoder, False, levels, n, captions, offset=0)
+
+    print("\nload test (batching on) ...", flush=True)
+    server = Server(args.index, args.encoder, True)
+    try:
+        server.wait_ready()
+        load = asyncio.run(load_test(server.url, captions[need:] or captions, ids, args.load_requests, 64,
+                                     args.load_time_limit))
+        ready_after = httpx.get(server.url + "/readyz", timeout=10).status_code
+    finally:
+        server.stop()
+
+    md = table(on, off)
+    print(f"\n### Service: text search over HTTP, micro-batcher on vs off ({on_info['count']} images, "
+          f"{on_info['encoder']}, {on_info['index_key']})\n")
+    print(md)
+    tq = on_info["text_queue"]
+    print(f"\nbatcher on: mean batch {tq['mean_batch']}, largest {tq['max_batch_seen']}")
+    print(f"\n### Load test: {load['planned']} mixed requests, concurrency {load['concurrency']}, "
+          f"limit {load['time_limit_s']:.0f} s\n")
+    print(f"sent {load['sent']}, answered {load['answered']}, lost {load['lost']}, 5xx {load['server_errors_5xx']}, "
+          f"{load['rps']:.1f} req/s over {load['seconds']:.1f} s; statuses {load['statuses']}; "
+          f"ready afterwards: {ready_after == 200}")
+    print(f"by kind: {load['by_kind']}")
+    ok = load["server_errors_5xx"] == 0 and load["lost"] == 0 and load["not_sent_before_time_limit"] == 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"on": on, "off": off, "on_info": on_info, "off_info": off_info, "load": load,
+                                    "markdown": md, "ok": ok}, indent=2))
+    print(f"\nresults: {args.out}; load test {'PASSED' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
