@@ -137,12 +137,28 @@ def decode_batch(batch: dict[str, np.ndarray], transform: bytes, max_pixels: int
 class EncodeActor:
     """Ray Data actor UDF: builds the encoder once, then ``{idx, pixels, error}`` -> ``{idx, vector, error}``."""
 
-    def __init__(self, spec_data: dict[str, Any], configs: dict[str, dict[str, Any]] | None, threads: int):
+    def __init__(
+        self,
+        spec_data: dict[str, Any],
+        configs: dict[str, dict[str, Any]] | None,
+        threads: int,
+        expected_identity: dict[str, Any] | None = None,
+    ):
+        import socket
+
         import torch
+
+        from indexer.core.errors import IndexEncoderMismatch
 
         if threads > 0:
             torch.set_num_threads(threads)
         self.encoder = _build(spec_data, configs)
+        # A node with another version of the package (or other weight files) would encode into another space.
+        if expected_identity is not None and self.encoder.identity() != expected_identity:
+            raise IndexEncoderMismatch(
+                f"the encoder built on {socket.gethostname()} has identity {self.encoder.identity()}, the driver's is "
+                f"{expected_identity}: install the same package version and weight files on every node"
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -288,7 +304,10 @@ def _run_pipeline(
     )
     ds = ds.map_batches(
         EncodeActor,
-        fn_constructor_kwargs={"spec_data": spec_data, "configs": configs, "threads": int(plan.cpus_per_actor)},
+        fn_constructor_kwargs={
+            "spec_data": spec_data, "configs": configs, "threads": int(plan.cpus_per_actor),
+            "expected_identity": writer.encoder_identity,
+        },
         batch_size=settings.batch_size,
         batch_format="numpy",
         num_cpus=plan.cpus_per_actor,

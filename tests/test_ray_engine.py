@@ -102,3 +102,37 @@ def test_plan_cluster_overrides_and_errors() -> None:
     assert plan_cluster({"CPU": 8}, _spec(), actors=3, cpus_per_actor=2) == RayPlan(False, 3, 2.0, 2.0)
     with pytest.raises(EncoderUnavailable, match="no GPU"):
         plan_cluster({"CPU": 8}, _spec("cuda"))
+
+
+def test_worker_udfs_without_ray(tmp_path: Path, tiny_checkpoint: str, tiny_clip_spec) -> None:
+    """decode_batch keeps bad images as error rows; EncodeActor encodes the good ones like the local encoder and
+    refuses to start when its encoder differs from the driver's (another package version on a node)."""
+    import ray.cloudpickle
+
+    from indexer.build import plan_records
+    from indexer.core.encoders import build_encoder
+    from indexer.core.errors import IndexEncoderMismatch
+    from indexer.core.images import load_image
+    from indexer.ray_engine import EncodeActor, decode_batch, probe_encoder
+
+    src = tmp_path / "src"
+    paths = make_images(src, 3)
+    (src / "bad.jpg").write_bytes(b"nope")
+    records = plan_records(src)
+    spec = _settings(tiny_checkpoint).encoder.spec()
+    identity, blob = probe_encoder(spec.model_dump(), None)
+    assert isinstance(ray.cloudpickle.loads(blob), type(build_encoder(spec).image_transform))
+
+    batch = {"idx": np.arange(4), "path": np.asarray([str(r.path) for r in records], dtype=object)}
+    decoded = decode_batch(batch, blob, 10_000_000)
+    assert [bool(e) for e in decoded["error"]] == [True, False, False, False]  # bad.jpg sorts first
+    assert decoded["pixels"].shape[0] == 4 and decoded["pixels"].dtype == np.float32
+
+    actor = EncodeActor(spec.model_dump(), None, 1, expected_identity=identity)
+    out = actor(decoded)
+    local = build_encoder(spec).encode_images([load_image(p) for p in paths])
+    np.testing.assert_allclose(out["vector"][1:], local, atol=1e-5)
+    assert not out["vector"][0].any()
+
+    with pytest.raises(IndexEncoderMismatch, match="same package version"):
+        EncodeActor(spec.model_dump(), None, 1, expected_identity={**identity, "dim": -1})
