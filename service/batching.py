@@ -17,8 +17,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from indexer.core.errors import Overloaded
 
@@ -47,12 +48,12 @@ class BatchObserver(Protocol):
     def __call__(self, size: int, seconds: float) -> None: ...
 
 
-class Runner(Protocol[T, R]):
+class Runner(Protocol):
     """What the routes use: ``await runner.submit(item)``."""
 
     stats: BatcherStats
 
-    async def submit(self, item: T) -> R: ...
+    async def submit(self, item: Any) -> Any: ...
     def depth(self) -> int: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
@@ -68,6 +69,7 @@ class MicroBatcher(Generic[T, R]):
         queue_size: int = 256,
         name: str = "batcher",
         observer: BatchObserver | None = None,
+        executor: Executor | None = None,
     ):
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and queue_size must be >= 1, max_wait_ms >= 0")
@@ -77,6 +79,7 @@ class MicroBatcher(Generic[T, R]):
         self.queue_size = queue_size
         self.name = name
         self.observer = observer
+        self.executor = executor
         self.stats = BatcherStats()
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -163,7 +166,9 @@ class MicroBatcher(Generic[T, R]):
         items = [item for item, _ in live]
         t0 = time.perf_counter()
         try:
-            results: Sequence[R | BaseException] = await asyncio.to_thread(self.fn, items)
+            results: Sequence[R | BaseException] = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.fn, items
+            )
             if len(results) != len(items):
                 raise RuntimeError(f"{self.name}: batch function returned {len(results)} results for {len(items)}")
         except Exception as exc:  # the whole batch failed: every caller gets the error
@@ -186,9 +191,16 @@ class DirectRunner(Generic[T, R]):
     """No batching: each item is its own call in a thread; at most ``queue_size`` in flight, then Overloaded."""
 
     def __init__(
-        self, fn: BatchFn[T, R], *, queue_size: int = 256, name: str = "direct", observer: BatchObserver | None = None
+        self,
+        fn: BatchFn[T, R],
+        *,
+        queue_size: int = 256,
+        name: str = "direct",
+        observer: BatchObserver | None = None,
+        executor: Executor | None = None,
     ):
         self.fn = fn
+        self.executor = executor
         self.queue_size = queue_size
         self.name = name
         self.observer = observer
@@ -221,7 +233,7 @@ class DirectRunner(Generic[T, R]):
         self._idle.clear()
         try:
             t0 = time.perf_counter()
-            (res,) = await asyncio.to_thread(self.fn, [item])
+            (res,) = await asyncio.get_running_loop().run_in_executor(self.executor, self.fn, [item])
             self.stats.batches += 1
             self.stats.items += 1
             self.stats.max_seen_batch = 1

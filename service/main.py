@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,14 +32,16 @@ log = logging.getLogger("service")
 MULTIPART_OVERHEAD = 64 * 1024
 
 
-def _make_runner(settings: ServiceSettings, fn: Any, name: str, metrics: Metrics) -> Any:
+def _make_runner(settings: ServiceSettings, fn: Any, name: str, metrics: Metrics, executor: Executor) -> Any:
     from service.batching import DirectRunner, MicroBatcher
 
     observer = metrics.batch_observer(name)
     if settings.batching:
         return MicroBatcher(fn, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                            queue_size=settings.queue_size, name=f"{name}-batcher", observer=observer)
-    return DirectRunner(fn, queue_size=settings.queue_size, name=f"{name}-direct", observer=observer)
+                            queue_size=settings.queue_size, name=f"{name}-batcher", observer=observer,
+                            executor=executor)
+    return DirectRunner(fn, queue_size=settings.queue_size, name=f"{name}-direct", observer=observer,
+                        executor=executor)
 
 
 def _lifespan(encoder: Encoder | None):
@@ -70,8 +73,11 @@ def _lifespan(encoder: Encoder | None):
         if cfg.warmup:
             await asyncio.to_thread(searcher.warmup)
         state.searcher = searcher
-        state.text_runner = _make_runner(cfg, searcher.search_text_batch, "text", state.metrics)
-        state.image_runner = _make_runner(cfg, searcher.search_image_batch, "image", state.metrics)
+        # One thread runs every encoder call (text and image): the encoder serialises calls anyway, and torch keeps
+        # one OpenMP thread team per calling thread.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        state.text_runner = _make_runner(cfg, searcher.search_text_batch, "text", state.metrics, executor)
+        state.image_runner = _make_runner(cfg, searcher.search_image_batch, "image", state.metrics, executor)
         await state.text_runner.start()
         await state.image_runner.start()
         state.metrics.index_vectors.set(len(searcher.store.ids))
@@ -86,6 +92,7 @@ def _lifespan(encoder: Encoder | None):
             state.ready = False  # readiness fails first, then queued work drains
             await state.text_runner.stop()
             await state.image_runner.stop()
+            executor.shutdown(wait=True)
             log.info("service stopped")
 
     return lifespan

@@ -22,9 +22,9 @@ class RateLimitSettings(BaseModel):
     """Token bucket per client (API key if given, else the peer address). Off by default."""
 
     enabled: bool = False
-    per_second: float = Field(20.0, gt=0, description="tokens added per second")
-    burst: int = Field(40, ge=1, description="bucket size")
-    max_clients: int = Field(10_000, ge=1, description="buckets kept (least recently seen are dropped)")
+    per_second: float = Field(default=20.0, gt=0, description="tokens added per second")
+    burst: int = Field(default=40, ge=1, description="bucket size")
+    max_clients: int = Field(default=10_000, ge=1, description="buckets kept (least recently seen are dropped)")
 
 
 class ServiceSettings(BaseSettings):
@@ -32,38 +32,46 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SERVICE_", env_nested_delimiter="__", extra="ignore")
 
-    index_dir: Path = Field(Path("index"), description="index folder written by the indexer")
-    encoder: EncoderSettings = EncoderSettings()
-    image_root: Path | None = Field(None, description="image folder; default: the manifest's build.source_root")
+    index_dir: Path = Field(default=Path("index"), description="index folder written by the indexer")
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)  # type: ignore[arg-type]  # core Field style
+    image_root: Path | None = Field(
+        default=None, description="image folder; default: the manifest's build.source_root"
+    )
 
     # micro-batching of text (and image) encoding
-    batching: bool = Field(True, description="False: every request runs the encoder on its own (for comparison)")
-    max_batch: int = Field(32, ge=1, le=1024, description="queries per encoder call")
-    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long the batcher waits to fill a batch")
-    queue_size: int = Field(256, ge=1, description="queued requests before 429")
+    batching: bool = Field(
+        default=True, description="False: every request runs the encoder on its own (for comparison)"
+    )
+    max_batch: int = Field(default=32, ge=1, le=1024, description="queries per encoder call")
+    max_wait_ms: float = Field(default=2.0, ge=0, le=1000, description="how long the batcher waits to fill a batch")
+    queue_size: int = Field(default=256, ge=1, description="queued requests before 429")
 
-    cache_size: int = Field(4096, ge=0, description="LRU query-embedding cache entries (0: off)")
-    thumb_cache_size: int = Field(1024, ge=0, description="thumbnails kept in memory")
-    thumb_size: int = Field(256, ge=16, le=1024, description="longest side of a thumbnail, pixels")
+    cache_size: int = Field(default=4096, ge=0, description="LRU query-embedding cache entries (0: off)")
+    thumb_cache_size: int = Field(default=1024, ge=0, description="thumbnails kept in memory")
+    thumb_size: int = Field(default=256, ge=16, le=1024, description="longest side of a thumbnail, pixels")
 
     # input limits
-    max_query_chars: int = Field(512, ge=1, le=HARD_MAX_QUERY_CHARS)
-    max_top_k: int = Field(100, ge=1, le=HARD_MAX_TOP_K)
-    default_top_k: int = Field(12, ge=1, le=HARD_MAX_TOP_K)
-    max_batch_queries: int = Field(32, ge=1, le=HARD_MAX_BATCH_QUERIES)
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="image upload limit")
-    max_body_bytes: int = Field(256 * 1024, ge=1024, description="limit for every other request body")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded pixels above this are refused (bombs)")
+    max_query_chars: int = Field(default=512, ge=1, le=HARD_MAX_QUERY_CHARS)
+    max_top_k: int = Field(default=100, ge=1, le=HARD_MAX_TOP_K)
+    default_top_k: int = Field(default=12, ge=1, le=HARD_MAX_TOP_K)
+    max_batch_queries: int = Field(default=32, ge=1, le=HARD_MAX_BATCH_QUERIES)
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="image upload limit")
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="limit for every other request body")
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=1, description="decoded pixels above this are refused (bombs)"
+    )
 
     # access
     api_keys: list[SecretStr] = Field(default_factory=list, description="X-API-Key values; empty: no keys")
-    protect_search: bool = Field(False, description="with api_keys: require a key on every /api route, not only admin")
+    protect_search: bool = Field(
+        default=False, description="with api_keys: require a key on every /api route, not only admin"
+    )
     cors_origins: list[str] = Field(default_factory=list)
-    rate_limit: RateLimitSettings = RateLimitSettings()
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
 
     # process
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = True
     access_log: bool = True

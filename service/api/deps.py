@@ -25,8 +25,8 @@ class ServiceState:
     settings: ServiceSettings
     metrics: Metrics
     searcher: Searcher | None = None
-    text_runner: Runner[Any, Any] | None = None
-    image_runner: Runner[Any, Any] | None = None
+    text_runner: Runner | None = None
+    image_runner: Runner | None = None
     ready: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -22,7 +22,7 @@ from service.schemas import (
 )
 from service.settings import HARD_MAX_QUERY_CHARS, HARD_MAX_TOP_K
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "unknown id"},
     413: {"model": ErrorResponse, "description": "body or upload too large"},
     422: {"description": "invalid query, parameter or image"},
