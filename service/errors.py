@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from indexer.core.errors import (
@@ -83,7 +84,18 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=status, headers=headers)
 
 
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 body (``detail``: list of ``{loc, msg, type}``) without echoing the input back: inputs can be
+    large (a 10,000-character query) or not JSON-serialisable (``NaN`` parsed from a body), which would turn a
+    client error into a 500."""
+    assert isinstance(exc, RequestValidationError)
+    detail = [{"loc": [str(p) if not isinstance(p, int) else p for p in e.get("loc", ())], "msg": str(e.get("msg")),
+               "type": str(e.get("type"))} for e in exc.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Register one handler per domain error class."""
+    """Register one handler per domain error class, and the request-validation handler."""
     for cls in STATUS:
         app.add_exception_handler(cls, _handle)
+    app.add_exception_handler(RequestValidationError, _validation)

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.settings import HARD_MAX_BATCH_QUERIES, HARD_MAX_QUERY_CHARS, HARD_MAX_TOP_K
 
-TopK = Field(12, ge=1, le=HARD_MAX_TOP_K, description="number of results")
+TopK = Field(12, ge=1, le=HARD_MAX_TOP_K, strict=True, description="number of results (an integer, not a string)")
 MinScore = Field(None, ge=-1.0, le=1.0, description="drop results whose cosine score is below this")
 
 

@@ -157,6 +157,8 @@ BAD_JSON_BODIES = [
     ({"query": "dog", "top_k": 60}, 422),  # under the schema ceiling, over the configured max_top_k
     ({"query": "dog", "top_k": "ten"}, 422),
     ({"query": "dog", "top_k": 2.5}, 422),
+    ({"query": "dog", "top_k": True}, 422),
+    ({"query": "dog", "top_k": "5"}, 422),
     ({"query": "dog", "min_score": 7}, 422),
     ({"query": 42}, 422),
     ({"query": ["a"]}, 422),
@@ -174,7 +176,11 @@ async def test_bad_search_bodies(client, body, status):
     assert r.json()["detail"]
 
 
-@pytest.mark.parametrize("raw", [b"{", b"not json", b'{"query": "dog",}', b"\xff\xfe", b""])
+MALFORMED = [b"{", b"not json", b'{"query": "dog",}', b"\xff\xfe", b"", b'{"query": "x", "min_score": NaN}',
+             b'{"query": "x", "top_k": Infinity}', b'{"query": "x", "top_k": 1e999}']
+
+
+@pytest.mark.parametrize("raw", MALFORMED)
 async def test_malformed_json(client, raw):
     r = await client.post("/api/search", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422
