@@ -12,6 +12,7 @@ from indexer.core.errors import (
     BadImage,
     BadInput,
     BadQuery,
+    DatasetError,
     EncoderUnavailable,
     IndexCorrupt,
     IndexEncoderMismatch,
@@ -55,6 +56,7 @@ STATUS: dict[type[RetrievalError], int] = {
     Overloaded: 429,
     NotReady: 503,
     EncoderUnavailable: 503,
+    DatasetError: 500,
     RetrievalError: 500,
 }
 
