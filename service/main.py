@@ -54,8 +54,12 @@ def _lifespan(encoder: Encoder | None):
         try:
             if encoder is None:
                 from indexer.core.encoders import build_encoder
+                from indexer.core.index_store import IndexStore
 
-                enc = await asyncio.to_thread(build_encoder, cfg.encoder.spec())
+                spec = cfg.encoder.spec()
+                # Fail fast, before loading any weights: the manifest must name this encoder.
+                await asyncio.to_thread(IndexStore.open, cfg.index_dir, expected_encoder=spec.identity())
+                enc = await asyncio.to_thread(build_encoder, spec)
             else:
                 enc = encoder
             searcher = await asyncio.to_thread(

@@ -132,3 +132,20 @@ async def test_not_ready_is_503(tiny_encoder, two_indexes):
         assert (await c.get("/healthz")).status_code == 200
         r = await c.post("/api/search", json={"query": "x"})
         assert r.status_code == 503 and r.json()["error"] == "NotReady"
+
+
+async def test_startup_checks_manifest_before_loading_weights(tiny_clip_spec, tiny_encoder, two_indexes, monkeypatch):
+    import indexer.core.encoders as encoders
+    from indexer.core.settings import EncoderSettings
+
+    encoders.register_encoder_config("tiny-service-test", tiny_clip_spec)
+    built = []
+    monkeypatch.setattr(encoders, "build_encoder", lambda spec: built.append(spec) or tiny_encoder)
+    enc = EncoderSettings(name="tiny-service-test", precision="fp32", device="cpu")
+    with pytest.raises(IndexEncoderMismatch):
+        async with running_app(ServiceSettings(index_dir=two_indexes / "other", encoder=enc), None):
+            pass
+    assert built == []  # refused from the manifest alone
+    async with running_app(ServiceSettings(index_dir=two_indexes / "a", encoder=enc, warmup=False), None) as (_, c):
+        assert (await c.post("/api/search", json={"query": "ok"})).status_code == 200
+    assert len(built) == 1
