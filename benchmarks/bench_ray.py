@@ -11,8 +11,8 @@ Rows (same images, same encoder, same settings, one run each):
 Then checks that both indexes hold the same ids in the same order and the same vectors (max abs difference),
 prints a markdown table and writes benchmarks/results/bench_ray.json.
 
-On one small machine Ray cannot beat the local engine (it adds process start-up and object-store copies on the same
-cores); it exists for collections that need more than one machine. The ratio shows its overhead here.
+On one small machine Ray brings no speed of its own (it adds start-up and object-store copies on the same cores);
+it exists for collections that need more than one machine or many GPUs. The ratio shows what it costs or gains here.
 """
 
 from __future__ import annotations
