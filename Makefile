@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data/flickr8k
 DEMO_INDEX ?= out/demo-index
 QUERY  ?= a dog playing with a ball
-EXTRAS ?= cpu,train,dev
+EXTRAS ?= cpu,train,ray,dev
 
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
