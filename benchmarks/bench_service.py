@@ -5,10 +5,11 @@
 What it does
 1. Makes sure an index of the Flickr8k images exists (``--index``, default ``out/bench-flickr8k-index``; built once
    with ``python -m indexer build DATA --out DIR --encoder ENCODER`` and reused after).
-2. For each mode (micro-batcher on, then off) starts ``python -m service`` as its own process on 127.0.0.1 (a free
-   port; nothing else is contacted), waits for ``/readyz``, and sends text queries at concurrency 1, 8 and 64 from
-   one asyncio client. Every query is a distinct Flickr8k caption, so the query cache never answers: the numbers
-   are encoder + index + HTTP. Reports p50/p99 latency and queries/s, side by side, with on/off ratios.
+2. Starts ``python -m service`` twice as separate processes on 127.0.0.1 (free ports; nothing else is contacted):
+   micro-batcher on and off. For each concurrency level (1, 8, 64) the two take turns in 4 chunks (on, off, off,
+   on, ...) so the other tenants' load on a shared machine hits both alike. Every query is a distinct Flickr8k
+   caption, so the query cache never answers: the numbers are encoder + index + HTTP. Reports p50/p99 latency and
+   queries/s side by side with on/off ratios.
 3. A bounded load test against the batching server: a fixed number of mixed requests (text POST/GET, batch,
    similar-by-id, thumbnails, stats, and deliberately bad requests) at concurrency 64 under a time limit. It
    reports the status counts, the 5xx count and the lost-request count (sent minus answered); both must be 0.
@@ -70,7 +71,8 @@ def free_port() -> int:
 class Server:
     """``python -m service`` in a subprocess on 127.0.0.1."""
 
-    def __init__(self, index: Path, encoder: str, batching: bool, extra_env: dict[str, str] | None = None):
+    def __init__(self, index: Path, encoder: str, batching: bool, torch_threads: int = 1,
+                 extra_env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -83,6 +85,7 @@ class Server:
             "SERVICE_LOG_LEVEL": "warning",
             "SERVICE_HOST": "127.0.0.1",
             "SERVICE_PORT": str(self.port),
+            "SERVICE_TORCH_THREADS": str(torch_threads),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             **(extra_env or {}),
@@ -119,7 +122,7 @@ class Server:
 
 
 async def run_level(url: str, queries: list[str], concurrency: int, top_k: int = 10) -> dict[str, Any]:
-    """Send every query once, ``concurrency`` at a time; latency per request and overall queries/s."""
+    """Send every query once, ``concurrency`` at a time: per-request latencies (s), statuses, wall time."""
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     it = iter(queries)
@@ -136,42 +139,57 @@ async def run_level(url: str, queries: list[str], concurrency: int, top_k: int =
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    lat = np.array(latencies) * 1000
+    return {"latencies": latencies, "statuses": statuses, "wall": wall}
+
+
+def summarize(chunks: list[dict[str, Any]], concurrency: int, mode: str) -> dict[str, Any]:
+    lat = np.array([x for c in chunks for x in c["latencies"]]) * 1000
+    statuses: Counter[int] = Counter()
+    for c in chunks:
+        statuses.update(c["statuses"])
     return {
+        "mode": mode,
         "concurrency": concurrency,
-        "requests": len(queries),
+        "requests": int(lat.size),
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
-        "qps": len(queries) / wall,
+        "qps": lat.size / sum(c["wall"] for c in chunks),
         "statuses": dict(statuses),
     }
 
 
-def bench_mode(index: Path, encoder: str, batching: bool, levels: list[int], n_per_level: dict[int, int],
-               captions: list[str], offset: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    server = Server(index, encoder, batching)
-    try:
-        t0 = time.perf_counter()
-        server.wait_ready()
-        startup = time.perf_counter() - t0
-        results = []
-        pos = offset
-        for c in levels:
-            warm = captions[pos:pos + 2 * c]
-            pos += len(warm)
-            asyncio.run(run_level(server.url, warm, c))
-            qs = captions[pos:pos + n_per_level[c]]
-            pos += len(qs)
-            res = asyncio.run(run_level(server.url, qs, c))
-            res["mode"] = "on" if batching else "off"
-            results.append(res)
-            print(f"  batching {res['mode']:3s} c={c:<3d} p50 {res['p50_ms']:7.1f} ms  p99 {res['p99_ms']:7.1f} ms  "
+def bench_both(servers: dict[str, Server], levels: list[int], n_per_level: dict[int, int], captions: list[str],
+               rounds: int = 4) -> dict[str, list[dict[str, Any]]]:
+    """Both servers are up; for each level the modes take turns (on, off, off, on, ...) in ``rounds`` chunks, so
+    the other tenants' load on this shared machine hits both alike. Each mode gets the same distinct captions."""
+    out: dict[str, list[dict[str, Any]]] = {m: [] for m in servers}
+    pos = 0
+    for c in levels:
+        warm = captions[pos:pos + 2 * c]
+        pos += len(warm)
+        for srv in servers.values():
+            asyncio.run(run_level(srv.url, warm, c))
+        qs = captions[pos:pos + n_per_level[c]]
+        pos += len(qs)
+        size = -(-len(qs) // rounds)
+        chunks: dict[str, list[dict[str, Any]]] = {m: [] for m in servers}
+        for r in range(rounds):
+            part = qs[r * size:(r + 1) * size]
+            order = list(servers) if r % 2 == 0 else list(reversed(servers))
+            for mode in order:
+                chunks[mode].append(asyncio.run(run_level(servers[mode].url, part, c)))
+        for mode in servers:
+            res = summarize(chunks[mode], c, mode)
+            out[mode].append(res)
+            print(f"  batching {mode:3s} c={c:<3d} p50 {res['p50_ms']:7.1f} ms  p99 {res['p99_ms']:7.1f} ms  "
                   f"{res['qps']:7.1f} q/s  {res['statuses']}", flush=True)
-        stats = httpx.get(server.url + "/api/stats", timeout=10).json()
-        return results, {"startup_s": startup, "text_queue": stats["text_queue"], "count": stats["count"],
-                         "encoder": stats["encoder"], "index_key": stats["index_key"]}
-    finally:
-        server.stop()
+    return out
+
+
+def server_info(server: Server) -> dict[str, Any]:
+    stats = httpx.get(server.url + "/api/stats", timeout=10).json()
+    return {"text_queue": stats["text_queue"], "count": stats["count"], "encoder": stats["encoder"],
+            "index_key": stats["index_key"]}
 
 
 async def load_test(url: str, captions: list[str], ids: list[str], total: int, concurrency: int,
@@ -275,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", default="default")
     p.add_argument("--limit", type=int, help="index only the first N images (quick trial runs; use another --index)")
     p.add_argument("--concurrency", default="1,8,64")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="server's torch intra-op threads (SERVICE_TORCH_THREADS); 1 leaves the second core to HTTP and "
+                        "the load generator on a 2-core machine")
     p.add_argument("--requests", type=int, default=200, help="measured requests per level (at least 4x concurrency)")
     p.add_argument("--load-requests", type=int, default=3000)
     p.add_argument("--load-time-limit", type=float, default=180.0)
@@ -293,23 +314,28 @@ def main(argv: list[str] | None = None) -> int:
     ids = [json.loads(line)["id"] for line in (args.index / "meta.jsonl").read_text(encoding="utf-8").splitlines()]
 
     print(f"index {args.index} ({len(ids)} images), encoder {args.encoder}, levels {levels}, "
-          f"{n} requests per level; cpu count {os.cpu_count()}", flush=True)
-    on, on_info = bench_mode(args.index, args.encoder, True, levels, n, captions, offset=0)
-    off, off_info = bench_mode(args.index, args.encoder, False, levels, n, captions, offset=0)
-
-    print("\nload test (batching on) ...", flush=True)
-    server = Server(args.index, args.encoder, True)
+          f"{n} requests per level; cpu count {os.cpu_count()}, server torch threads {args.torch_threads}", flush=True)
+    servers = {"on": Server(args.index, args.encoder, True, args.torch_threads),
+               "off": Server(args.index, args.encoder, False, args.torch_threads)}
     try:
-        server.wait_ready()
-        load = asyncio.run(load_test(server.url, captions[need:] or captions, ids, args.load_requests, 64,
+        for srv in servers.values():
+            srv.wait_ready()
+        res = bench_both(servers, levels, n, captions)
+        on, off = res["on"], res["off"]
+        on_info, off_info = server_info(servers["on"]), server_info(servers["off"])
+        servers["off"].stop()
+        print("\nload test (batching on) ...", flush=True)
+        load = asyncio.run(load_test(servers["on"].url, captions[need:] or captions, ids, args.load_requests, 64,
                                      args.load_time_limit))
-        ready_after = httpx.get(server.url + "/readyz", timeout=10).status_code
+        ready_after = httpx.get(servers["on"].url + "/readyz", timeout=10).status_code
     finally:
-        server.stop()
+        for srv in servers.values():
+            srv.stop()
 
     md = table(on, off)
     print(f"\n### Service: text search over HTTP, micro-batcher on vs off ({on_info['count']} images, "
-          f"{on_info['encoder']}, {on_info['index_key']})\n")
+          f"{on_info['encoder']}, {on_info['index_key']}, torch threads {args.torch_threads}, "
+          f"{os.cpu_count()} CPUs)\n")
     print(md)
     tq = on_info["text_queue"]
     print(f"\nbatcher on: mean batch {tq['mean_batch']}, largest {tq['max_batch_seen']}")

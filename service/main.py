@@ -52,6 +52,10 @@ def _lifespan(encoder: Encoder | None):
         state: ServiceState = app.state.service
         cfg = state.settings
         try:
+            if cfg.torch_threads:
+                import torch  # the lifespan, not a route: routes never import torch
+
+                torch.set_num_threads(cfg.torch_threads)
             if encoder is None:
                 from indexer.core.encoders import build_encoder
                 from indexer.core.index_store import IndexStore
@@ -183,8 +187,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_args(argv)
     configure_logging(settings.log_level, settings.log_json)
     app = create_app(settings)
+    # uvicorn uses httptools and uvloop when installed (C parser and loop instead of pure-Python h11 + asyncio).
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=30)
+                timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=30)
 
 
 if __name__ == "__main__":

@@ -72,10 +72,20 @@ class ServiceSettings(BaseSettings):
     # process
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    keep_alive_s: int = Field(
+        default=75, ge=1, le=3600,
+        description="idle keep-alive timeout; longer than clients' and proxies' idle timeouts (nginx: 60 s), so the "
+        "server never closes a connection a client is about to reuse",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = True
     access_log: bool = True
     warmup: bool = True
+    torch_threads: int | None = Field(
+        default=None, ge=1, le=256,
+        description="torch intra-op threads (None: torch's default). On a small shared CPU, 1 leaves a core to the "
+        "event loop and avoids OpenMP spin-wait thrashing",
+    )
     example_queries: list[str] = Field(
         default_factory=lambda: [
             "a dog running through the snow",
