@@ -31,6 +31,7 @@ import torch
 
 from indexer.core.encoders import build_encoder
 from indexer.core.heads import file_sha256
+from trainer import plots
 from trainer.config import TrainerSettings
 from trainer.evaluate import evaluate_features, load_split
 from trainer.features import FeatureCache, split_features
@@ -129,7 +130,9 @@ def main() -> None:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"- wrote {args.json}")
+    png = plots.recall_curves({"zero-shot": zs.curve, "trained heads": tr.curve}, Path(args.json).with_suffix(".png"),
+                              title=f"{spec.label()} — Flickr8k test")
+    print(f"- wrote {args.json} and {png}")
 
 
 if __name__ == "__main__":

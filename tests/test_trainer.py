@@ -43,7 +43,7 @@ def synthetic_split(n: int, d_img: int = 48, d_txt: int = 24, caps: int = 3, noi
 
 def cfg_for(tmp: Path, **kw) -> TrainerSettings:
     base = dict(out=str(tmp), epochs=4, batch_size=32, lr=3e-3, warmup_steps=2, hidden=64, out_dim=32, seed=0,
-                threads=1, patience=50)
+                threads=1, patience=50, dropout=0.1, weight_decay=0.05)
     base.update(kw)
     return TrainerSettings(**base)
 

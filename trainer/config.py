@@ -16,7 +16,13 @@ HeadChoice = Literal["auto", "linear", "mlp", "residual"]
 
 
 class TrainerSettings(BaseSettings):
-    """Everything ``python -m trainer`` needs. ``TRAINER_LR=3e-4``, ``TRAINER_LOSS=triplet`` ..."""
+    """Everything ``python -m trainer`` needs. ``TRAINER_LR=3e-4``, ``TRAINER_LOSS=triplet`` ...
+
+    Defaults = the best of a dev sweep on Flickr8k with EfficientNet-Lite0 + MiniLM features (mlp 1024 hidden into
+    256-d, dropout 0.5, weight decay 0.5, 12 epochs of one sampled caption per image, batch 256, flip augmentation);
+    linear heads, batch 512, fixed temperature 0.05 and all-pairs batches scored within ~1 point of it, triplet
+    ~3 points lower.
+    """
 
     model_config = SettingsConfigDict(env_prefix="TRAINER_", env_nested_delimiter="__", extra="ignore")
 
@@ -34,9 +40,9 @@ class TrainerSettings(BaseSettings):
 
     # heads
     head: HeadChoice = Field(default="auto", description="auto: residual for open_clip, mlp for dual backbones")
-    out_dim: int | None = Field(default=None, ge=8, description="shared space size (None: 512 / backbone dim)")
+    out_dim: int | None = Field(default=None, ge=8, description="shared space size (None: 256 / backbone dim)")
     hidden: int = Field(default=1024, ge=8)
-    dropout: float = Field(default=0.1, ge=0, lt=1)
+    dropout: float = Field(default=0.5, ge=0, lt=1)
     standardize: bool = Field(default=True, description="train on standardised inputs (folded into saved heads)")
 
     # loss
@@ -45,13 +51,13 @@ class TrainerSettings(BaseSettings):
     margin: float = Field(default=0.2, gt=0, description="triplet margin")
 
     # optimisation
-    epochs: int = Field(default=40, ge=1)
+    epochs: int = Field(default=12, ge=1)
     batch_size: int = Field(default=256, ge=2, description="pairs per step (distinct images)")
     pairs: Literal["sample", "all"] = Field(
         default="sample", description="sample: one random caption per image per epoch; all: every caption every epoch"
     )
     lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.05, ge=0)
+    weight_decay: float = Field(default=0.5, ge=0)
     warmup_steps: int = Field(default=50, ge=0)
     flip_aug: bool = Field(default=True, description="train on the flipped-image features half of the time")
     patience: int = Field(default=6, ge=1, description="epochs without dev improvement before stopping")

@@ -56,11 +56,11 @@ def dev_score(metrics: dict[str, Any]) -> float:
 def head_config(
     cfg: TrainerSettings, image_in: int, text_in: int, backend: str, identity: dict[str, Any]
 ) -> HeadConfig:
-    """Resolve ``auto`` choices: residual (identity at init) on open_clip, mlp into 512-d on dual backbones."""
+    """Resolve ``auto`` choices: residual (identity at init) on open_clip, mlp into 256-d on dual backbones."""
     kind = cfg.head
     if kind == "auto":
         kind = "residual" if backend == "open_clip" and image_in == text_in else "mlp"
-    out_dim = cfg.out_dim or (image_in if kind == "residual" else 512)
+    out_dim = cfg.out_dim or (image_in if kind == "residual" else 256)
     return HeadConfig(kind=kind, image_in=image_in, text_in=text_in, out_dim=out_dim, hidden=cfg.hidden,
                       dropout=cfg.dropout, encoder=identity)
 
