@@ -64,6 +64,9 @@ MIN_POINTS_PER_CENTROID = 39
 MAX_PQ_M = 64
 #: Tolerance on ``| ||v|| - 1 |`` for vectors said to be L2-normalised.
 NORM_TOLERANCE = 1e-3
+#: faiss switches from its own distance loops to BLAS above this many queries. faiss-cpu 1.15.1's default (128000
+#: here) makes batched search ~11x slower (docs in STACK.md) and PQ/k-means training up to ~50x slower; 20 fixes both.
+BLAS_THRESHOLD = 20
 #: Default search effort when the caller gives none.
 DEFAULT_EF_SEARCH = 64
 DEFAULT_NPROBE_MIN = 16
@@ -271,8 +274,14 @@ def _nlist_of(index: Any) -> int | None:
         return None
 
 
+def _tune_faiss() -> None:
+    """Process-wide faiss setting (idempotent): see :data:`BLAS_THRESHOLD`."""
+    faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+
+
 def _build_faiss(vectors: np.ndarray, index_key: str, seed: int = 1234) -> tuple[Any, dict[str, Any]]:
     n, d = vectors.shape
+    _tune_faiss()
     try:
         index = faiss.index_factory(d, index_key, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
@@ -690,7 +699,7 @@ class IndexStore:
         store = cls(path, manifest, index, metadata)
         if len(store._row) != len(metadata):
             raise IndexCorrupt(f"{path}: {META_FILE} has duplicate ids")
-        faiss.cvar.distance_compute_blas_threshold = 20  # batched search ~11x faster (docs/STACK.md)
+        _tune_faiss()  # batched search ~11x faster
         return store
 
     def search(
