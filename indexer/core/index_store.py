@@ -298,10 +298,10 @@ def _build_faiss(vectors: np.ndarray, index_key: str, seed: int = 1234) -> tuple
         info["train_size"] = len(sample)
     if n:
         index.add(vectors)
-    nlist = _nlist_of(index)
-    if nlist is not None:
-        info["nlist"] = nlist
-        info["nprobe"] = min(nlist, max(DEFAULT_NPROBE_MIN, nlist // 16))
+    ivf_nlist = _nlist_of(index)
+    if ivf_nlist is not None:
+        info["nlist"] = ivf_nlist
+        info["nprobe"] = min(ivf_nlist, max(DEFAULT_NPROBE_MIN, ivf_nlist // 16))
     if "HNSW" in index_key:
         info["efSearch"] = DEFAULT_EF_SEARCH
     return index, info
@@ -318,13 +318,16 @@ def _search_params(index: Any, k: int, nprobe: int | None, ef_search: int | None
     if isinstance(inner, faiss.IndexIVF):
         quantizer_params = None
         if isinstance(faiss.downcast_index(inner.quantizer), faiss.IndexHNSW):
-            quantizer_params = faiss.SearchParametersHNSW(efSearch=max(ef_search or DEFAULT_EF_SEARCH, nprobe or 1))
+            quantizer_params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
+                efSearch=max(ef_search or DEFAULT_EF_SEARCH, nprobe or 1))
         kwargs: dict[str, Any] = {"nprobe": nprobe or 1}
         if quantizer_params is not None:
             kwargs["quantizer_params"] = quantizer_params
         params = faiss.SearchParametersIVF(**kwargs)
     elif isinstance(inner, faiss.IndexHNSW):
-        params = faiss.SearchParametersHNSW(efSearch=max(ef_search or DEFAULT_EF_SEARCH, k))
+        params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
+            efSearch=max(ef_search or DEFAULT_EF_SEARCH, k)
+        )
     if params is not None and wrap:
         outer = faiss.SearchParametersPreTransform()
         outer.index_params = params
