@@ -146,7 +146,7 @@ class Searcher:
 
     # -- index lifecycle -----------------------------------------------------------------------------------------
     def _open(self, index_dir: Path) -> Snapshot:
-        store = IndexStore.open(index_dir, expected_encoder=self.identity, mmap=self.mmap)
+        store = IndexStore.open(index_dir, expected_encoder=self.identity, mmap=self.mmap, gpu=None)
         root = self.image_root_override
         if root is None:
             src = (store.manifest.build or {}).get("source_root")

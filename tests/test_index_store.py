@@ -504,3 +504,21 @@ def test_ann_chosen_automatically_under_budget(tmp_path, ann_data):
     s = IndexStore.open(tmp_path / "auto")
     _, rows = s.search(q, 10, nprobe=s.manifest.build["nlist"])
     assert _recall_at(rows, truth) >= 0.5
+
+
+def test_gpu_search_falls_back_to_cpu_or_is_refused_without_gpu(tmp_path):
+    from indexer.core.index_store import faiss_gpu_count
+
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((50, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    write_index(tmp_path / "g", vecs, [{"id": f"i{j}"} for j in range(50)], encoder_identity={"model": "m"},
+                encoder_label="m")
+    auto = IndexStore.open(tmp_path / "g", gpu=None)
+    assert auto.on_gpu == (faiss_gpu_count() > 0)
+    scores, rows = auto.search(vecs[:3], 1)
+    assert scores[:, 0] == pytest.approx(1.0, abs=1e-5)
+    assert rows[:, 0].tolist() == [0, 1, 2]
+    if faiss_gpu_count() == 0:
+        with pytest.raises(BadInput, match="no GPU"):
+            IndexStore.open(tmp_path / "g", gpu=True)

@@ -258,6 +258,12 @@ def _now() -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def faiss_gpu_count() -> int:
+    """GPUs faiss can use (0 with faiss-cpu)."""
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
 def _is_reconstructible(index_key: str) -> bool:
     """Flat and HNSW(Flat) indexes store the float32 vectors and reconstruct them exactly."""
     return "PQ" not in index_key and "SQ" not in index_key and "IVF" not in index_key
@@ -667,6 +673,7 @@ class IndexStore:
         self.ids: list[str] = [m["id"] for m in metadata]
         self._row: dict[str, int] = {rid: i for i, rid in enumerate(self.ids)}
         self._vectors: np.ndarray | None = None
+        self._search_index: Any = index  # a GPU copy for Flat indexes when asked for (see open)
 
     @property
     def count(self) -> int:
@@ -677,14 +684,16 @@ class IndexStore:
         return self.manifest.dim
 
     @classmethod
-    def open(cls, path: str | Path, *, expected_encoder: dict[str, Any] | None = None, mmap: bool = True
-             ) -> IndexStore:
+    def open(cls, path: str | Path, *, expected_encoder: dict[str, Any] | None = None, mmap: bool = True,
+             gpu: bool | None = False) -> IndexStore:
         """Open the index folder at ``path``.
 
         Raises :class:`IndexNotFound` (folder or a file missing), :class:`IndexCorrupt` (bad manifest, unknown
         schema, unreadable files, or faiss ntotal / meta rows / manifest count / dim disagree) and
         :class:`IndexEncoderMismatch` when ``expected_encoder`` differs from the manifest's encoder identity.
         ``mmap``: map ``index.faiss`` read-only instead of loading it (works for Flat, HNSW and IVF-PQ).
+        ``gpu``: search a ``Flat`` index on every GPU faiss sees (faiss-gpu); ``None`` = when there is one,
+        ``True`` = required (:class:`BadInput` without one). Other index types and ``vector()`` stay on the CPU.
         """
         path = Path(path)
         manifest = _read_manifest(path)
@@ -703,7 +712,17 @@ class IndexStore:
         if len(store._row) != len(metadata):
             raise IndexCorrupt(f"{path}: {META_FILE} has duplicate ids")
         _tune_faiss()  # batched search ~11x faster
+        n_gpus = faiss_gpu_count()
+        if gpu and n_gpus == 0:
+            raise BadInput("gpu=True but faiss sees no GPU (install the gpu extra, faiss-gpu, on a CUDA machine)")
+        if (gpu or gpu is None) and n_gpus > 0 and manifest.index_key == "Flat":
+            store._search_index = faiss.index_cpu_to_all_gpus(index)
         return store
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether searches run on GPU(s)."""
+        return self._search_index is not self.index
 
     def search(
         self, queries: np.ndarray, k: int, *, nprobe: int | None = None, ef_search: int | None = None
@@ -737,7 +756,10 @@ class IndexStore:
             nprobe if nprobe is not None else build.get("nprobe"),
             ef_search if ef_search is not None else build.get("efSearch"),
         )
-        scores, rows = self.index.search(q, kk, params=params) if params is not None else self.index.search(q, kk)
+        if params is not None:
+            scores, rows = self.index.search(q, kk, params=params)
+        else:
+            scores, rows = self._search_index.search(q, kk)
         valid_cols = np.flatnonzero((rows >= 0).any(axis=0))
         ncols = int(valid_cols[-1]) + 1 if valid_cols.size else 0
         scores = np.ascontiguousarray(scores[:, :ncols], dtype=np.float32)
