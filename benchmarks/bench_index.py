@@ -26,16 +26,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
-from indexer.build import build_index, plan_records  # noqa: E402
-from indexer.core.datasets import ImageLoadDataset, collate_skipping  # noqa: E402
-from indexer.core.encoders import build_encoder, parse_spec  # noqa: E402
-from indexer.core.images import load_image  # noqa: E402
-from indexer.core.metrics import retrieval_metrics  # noqa: E402
-from indexer.core.settings import EncoderSettings, IndexerSettings  # noqa: E402
+from indexer.build import build_index, plan_records
+from indexer.core.datasets import ImageLoadDataset, collate_skipping
+from indexer.core.encoders import build_encoder, parse_spec
+from indexer.core.images import load_image
+from indexer.core.metrics import retrieval_metrics
+from indexer.core.settings import EncoderSettings, IndexerSettings
 
 
 def naive(encoder, records) -> tuple[float, np.ndarray]:
