@@ -60,7 +60,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data/flickr8k")
-    ap.add_argument("--encoder", default="default")
+    ap.add_argument("--encoder", default="zero-shot")
     ap.add_argument("--out", default="runs/bench_train", help="training output folder")
     ap.add_argument("--heads", help="skip training: evaluate this checkpoint")
     ap.add_argument("--cache-dir")

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--data", required=True)
     f.add_argument("--captions")
     f.add_argument("--split", help="only this split (default: every captioned image)")
-    f.add_argument("--encoder", default="default")
+    f.add_argument("--encoder", default="zero-shot")
     f.add_argument("--cache-dir")
     f.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="also cache horizontally flipped views (training augmentation / test-time averaging)")
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test", help="train/dev/test, or 'all'")
     e.add_argument("--captions")
-    e.add_argument("--encoder", default="default")
+    e.add_argument("--encoder", default="zero-shot")
     e.add_argument("--heads", help="head checkpoint (default: the encoder's zero-shot head)")
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--cache-dir")

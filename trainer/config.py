@@ -29,7 +29,7 @@ class TrainerSettings(BaseSettings):
     # data and encoder
     data: str = Field(default="../shared/data/flickr8k", description="image folder or pack")
     captions: str | None = Field(default=None, description="captions file (None: auto-discovered)")
-    encoder: str = Field(default="default", description="registry name or spec string")
+    encoder: str = Field(default="zero-shot", description="backbones to train heads on: registry name or spec string")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
     cache_dir: str | None = Field(default=None, description="feature cache; default $RETRIEVAL_CACHE/features")

@@ -78,7 +78,7 @@ def grid_queries(
 
 def run_eval(
     data: str,
-    encoder: str | EncoderSpec = "default",
+    encoder: str | EncoderSpec = "zero-shot",
     heads: str | None = None,
     split: str | None = "test",
     captions: str | None = None,

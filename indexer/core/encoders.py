@@ -89,9 +89,17 @@ DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
 #: recomputed instead of silently mixed with new vectors.
 ENCODER_IMPL_VERSION = 2
 
+#: Projection heads shipped with the package (trained by ``python -m trainer train`` on the Flickr8k train split;
+#: model card: indexer/models/README.md).
+SHIPPED_HEADS = Path(__file__).resolve().parents[1] / "models"
+FLICKR8K_HEADS = str(SHIPPED_HEADS / "effnet-lite0-minilm-flickr8k.pt")
+
 #: Named encoder configs (``--encoder NAME``). Tests and plugins add theirs with :func:`register_encoder_config`.
+#: ``default``: the offline backbones joined by the shipped trained heads; ``zero-shot``: the same backbones joined
+#: by the training-free label bridge.
 ENCODER_CONFIGS: dict[str, EncoderSpec] = {
-    "default": EncoderSpec(backend="dual", model="efficientnet-lite0"),
+    "default": EncoderSpec(backend="dual", model="efficientnet-lite0", heads=FLICKR8K_HEADS),
+    "zero-shot": EncoderSpec(backend="dual", model="efficientnet-lite0"),
     "effnet-lite0-minilm": EncoderSpec(backend="dual", model="efficientnet-lite0"),
     "effnet-lite1-minilm": EncoderSpec(backend="dual", model="efficientnet-lite1"),
     "effnet-lite2-minilm": EncoderSpec(backend="dual", model="efficientnet-lite2"),
