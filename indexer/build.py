@@ -194,7 +194,7 @@ def encode_records(
     dataset = ImageLoadDataset(records, encoder.image_transform, max_pixels=settings.max_image_pixels)
     loader = DataLoader(
         dataset,
-        batch_size=settings.batch_size,
+        batch_size=settings.batch_for(encoder.device.type),
         num_workers=settings.workers,
         collate_fn=collate_skipping,
         pin_memory=encoder.device.type == "cuda",
@@ -255,7 +255,7 @@ def build_params(spec: EncoderSpec, settings: IndexerSettings, root: Path, **ext
     return {
         "encoder_spec": spec.model_dump(exclude={"device"}),
         "source_root": str(root),
-        "batch_size": settings.batch_size,
+        "batch_size": settings.batch_size,  # None: chosen per device (IndexerSettings.batch_for)
         "workers": settings.workers,
         "torch": torch.__version__,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),

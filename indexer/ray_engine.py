@@ -291,14 +291,15 @@ def _run_pipeline(
     if not todo:
         return stats
     start = time.perf_counter()
+    batch_size = settings.batch_for("cuda" if plan.use_gpu else "cpu")
     items = [{"idx": i, "path": str(r.path)} for i, r in enumerate(todo)]
-    n_blocks = max(1, min(-(-len(items) // settings.batch_size), 256))  # about one decode task per batch
+    n_blocks = max(1, min(-(-len(items) // batch_size), 256))  # about one decode task per batch
     ds: Any = ray.data.from_items(items, override_num_blocks=n_blocks)
     ds.context.execution_options.preserve_order = True  # shards in input order: same rows as the local engine
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"transform": transform, "max_pixels": settings.max_image_pixels},
-        batch_size=settings.batch_size,
+        batch_size=batch_size,
         batch_format="numpy",
         num_cpus=1,
     )
@@ -308,7 +309,7 @@ def _run_pipeline(
             "spec_data": spec_data, "configs": configs, "threads": int(plan.cpus_per_actor),
             "expected_identity": writer.encoder_identity,
         },
-        batch_size=settings.batch_size,
+        batch_size=batch_size,
         batch_format="numpy",
         num_cpus=plan.cpus_per_actor,
         num_gpus=1 if plan.use_gpu else 0,
