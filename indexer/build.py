@@ -93,6 +93,14 @@ class ShardWriter:
         self.root = Path(root)
         self._next = len(self.shard_paths())
 
+    def pending(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+        """The records this work folder has not committed or skipped yet (all of them for a new folder)."""
+        done = self.done_ids()
+        todo = [r for r in records if r.id not in done]
+        if len(todo) < len(records):
+            log.info("resuming: %d of %d images already done", len(records) - len(todo), len(records))
+        return todo
+
     def shard_paths(self) -> list[Path]:
         return sorted(self.dir.glob(SHARD_GLOB))
 
@@ -280,10 +288,7 @@ def build_index(
     root = source_root(records)
     encoder = encoder or build_encoder(settings.encoder.spec())
     writer = ShardWriter(work_dir_for(out), encoder.identity(), root)
-    done = writer.done_ids()
-    todo = [r for r in records if r.id not in done]
-    if done:
-        log.info("resuming: %d of %d images already done", len(records) - len(todo), len(records))
+    todo = writer.pending(records)
     stats = encode_records(encoder, todo, writer, settings, on_shard=on_shard)
     skipped = writer.skipped()
     manifest = finalize(writer, out, encoder, settings, n_planned=len(records), stats=stats)
@@ -369,7 +374,7 @@ def add_images(
     encoder = encoder or build_encoder(settings.encoder.spec())
     work = work_dir_for(Path(index_dir).with_name(Path(index_dir).name + ".add"))
     writer = ShardWriter(work, encoder.identity(), root)
-    todo = [r for r in records if r.id not in writer.done_ids()]
+    todo = writer.pending(records)
     encode_records(encoder, todo, writer, settings)
     vectors, metadata = writer.read_all()
     skipped = writer.skipped()

@@ -259,10 +259,7 @@ def build_with_ray(
         # the image transform the decode tasks apply (device and precision do not change either).
         identity, transform = probe_encoder({**spec_data, "device": "cpu"}, None)
         writer = ShardWriter(work_dir_for(out), identity, root)
-        done = writer.done_ids()
-        todo = [r for r in records if r.id not in done]
-        if done:
-            log.info("resuming: %d of %d images already done", len(records) - len(todo), len(records))
+        todo = writer.pending(records)
         stats = _run_pipeline(todo, writer, settings, plan, spec_data, open_clip_configs, transform)
         skipped = writer.skipped()
         manifest = finalize(
