@@ -279,7 +279,7 @@ class EffnetTransform:
         img = image.convert("RGB")
         w, h = img.size
         scale = self.size / min(w, h)
-        img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BICUBIC)
+        img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.Resampling.BICUBIC)
         w, h = img.size
         left, top = (w - self.size) // 2, (h - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))
@@ -385,6 +385,7 @@ class LabelBridgeHead(torch.nn.Module):
     def __init__(self, fc: torch.nn.Linear, class_embeddings: torch.Tensor, temperature: float = 1.0, top_k: int = 10):
         super().__init__()
         self.fc = fc
+        self.classes: torch.Tensor
         self.register_buffer("classes", class_embeddings)
         self.temperature = temperature
         self.top_k = top_k
