@@ -36,6 +36,7 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the indexer package, when run from a checkout without an install
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -54,8 +55,17 @@ def load_captions(data: Path) -> list[str]:
 
 
 def ensure_index(data: Path, index: Path, encoder: str, limit: int | None = None) -> None:
+    """Build the benchmark index once; rebuild it when it was made with another encoder (or is unreadable)."""
+    from indexer.core.encoders import parse_spec
+    from indexer.core.errors import RetrievalError
+    from indexer.core.index_store import IndexStore
+
     if (index / "manifest.json").is_file():
-        return
+        try:
+            IndexStore.open(index, expected_encoder=parse_spec(encoder).identity())
+            return
+        except RetrievalError as exc:
+            print(f"rebuilding {index}: {exc}", flush=True)
     print(f"building the index of {data} into {index} (once) ...", flush=True)
     cmd = [sys.executable, "-m", "indexer", "build", str(data), "--out", str(index), "--encoder", encoder,
            "--no-progress", *(["--limit", str(limit)] if limit else [])]
