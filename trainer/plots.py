@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,14 +41,7 @@ def recall_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str
         ax.set_ylim(0, 100)
     axes[0].set_ylabel("Recall@K (%)")
     axes[1].legend(loc="lower right", fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title, dpi=110)
 
 
 def result_grid(
@@ -87,11 +81,16 @@ def result_grid(
             ax.set_xlabel(f"#{j + 1}" + (" ✓" if hit else ""), fontsize=9, color="#1a9850" if hit else "black")
         q = queries[i]
         axes[i][0].set_title(q if len(q) <= 110 else q[:107] + "...", loc="left", fontsize=9)
+    return _save(plt, fig, path, title, dpi=90, fontsize=11)
+
+
+def _save(plt: Any, fig: Any, path: str | Path, title: str, *, dpi: int, fontsize: float | None = None) -> Path:
+    """Title, lay out, write ``path`` (creating its folder) and close the figure."""
     if title:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
