@@ -23,19 +23,21 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from indexer.build import build_index, plan_records
-from indexer.core.datasets import ImageLoadDataset, collate_skipping
-from indexer.core.encoders import build_encoder, parse_spec
-from indexer.core.images import load_image
-from indexer.core.metrics import retrieval_metrics
-from indexer.core.settings import EncoderSettings, IndexerSettings
+from indexer.local_engine import LocalEngine
+from indexer.pipeline import build_index, plan_records
+from indexer.settings import IndexerSettings
+from retrieval.datasets.loader import ImageLoadDataset, collate_skipping
+from retrieval.encoders import build_encoder, parse_spec
+from retrieval.images import load_image
+from retrieval.index import configure_faiss
+from retrieval.metrics import retrieval_metrics
+from retrieval.settings import EncoderSettings
 
 
 def naive(encoder, records) -> tuple[float, np.ndarray]:
@@ -53,6 +55,7 @@ def batched(encoder, records, batch_size: int, workers: int) -> tuple[float, np.
 
 
 def main() -> None:
+    configure_faiss()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data/flickr8k")
     ap.add_argument("--encoder", default="default")
@@ -98,7 +101,7 @@ def main() -> None:
     settings = IndexerSettings(encoder=EncoderSettings(name=args.encoder, precision="bf16", device="cpu"),
                                batch_size=args.batch_size, workers=args.workers, progress=False)
     start = time.perf_counter()
-    result = build_index(args.data, out, settings, limit=args.full, encoder=enc16)
+    result = build_index(args.data, out, settings, limit=args.full, engine=LocalEngine(enc16, settings))
     tj = time.perf_counter() - start
     rows.append((f"job bf16: build_index end to end ({len(all_records)} images)", result.manifest.count, tj,
                  result.manifest.count / tj))

@@ -6,7 +6,7 @@
 
 Rows (same images, same encoder, same settings, one run each):
 - local: ``build_index`` — DataLoader workers decode, the main process encodes (``python -m indexer build``)
-- ray: ``build_with_ray`` — Ray Data decode tasks + encoder actor pool (``--engine ray``), on a local Ray instance
+- ray: ``RayEngine`` — Ray Data decode tasks + encoder actor pool (``--engine ray``), on a local Ray instance
   of ``--ray-cpus`` CPUs unless ``--address`` names a cluster. Its time includes starting Ray and its workers.
 Then checks that both indexes hold the same ids in the same order and the same vectors (max abs difference),
 prints a markdown table and writes benchmarks/results/bench_ray.json.
@@ -27,20 +27,20 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 
-from indexer.build import build_index
-from indexer.core.index_store import IndexStore, read_vectors
-from indexer.core.settings import EncoderSettings, IndexerSettings
-from indexer.ray_engine import build_with_ray
+from indexer.pipeline import build_index
+from indexer.ray_engine import RayEngine
+from indexer.settings import IndexerSettings
+from retrieval.index import IndexStore, configure_faiss, read_vectors
+from retrieval.settings import EncoderSettings
 
 
 def main() -> None:
+    configure_faiss()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data/flickr8k")
     ap.add_argument("--split", default="test")
@@ -67,10 +67,9 @@ def main() -> None:
         t_local = time.perf_counter() - start
 
         start = time.perf_counter()
-        ray_res = build_with_ray(
-            args.data, work / "ray", settings, split=args.split, limit=args.limit, address=args.address,
-            num_cpus=None if args.address else args.ray_cpus,
-        )
+        with RayEngine(settings, address=args.address, num_cpus=None if args.address else args.ray_cpus) as engine:
+            ray_res = build_index(args.data, work / "ray", settings, split=args.split, limit=args.limit,
+                                  engine=engine)
         t_ray = time.perf_counter() - start
 
         a, b = IndexStore.open(work / "local"), IndexStore.open(work / "ray")

@@ -56,9 +56,9 @@ def load_captions(data: Path) -> list[str]:
 
 def ensure_index(data: Path, index: Path, encoder: str, limit: int | None = None) -> None:
     """Build the benchmark index once; rebuild it when it was made with another encoder (or is unreadable)."""
-    from indexer.core.encoders import parse_spec
-    from indexer.core.errors import RetrievalError
-    from indexer.core.index_store import IndexStore
+    from retrieval.encoders import parse_spec
+    from retrieval.errors import RetrievalError
+    from retrieval.index import IndexStore
 
     if (index / "manifest.json").is_file():
         try:

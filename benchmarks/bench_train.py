@@ -24,13 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from indexer.core.encoders import build_encoder
-from indexer.core.heads import file_sha256
+from retrieval.checksums import file_sha256
+from retrieval.encoders import build_encoder
 from trainer import plots
 from trainer.config import TrainerSettings
 from trainer.evaluate import evaluate_features, load_split

@@ -1,6 +1,7 @@
 """``python -m indexer``: build, add, remove, search, info.
 
-Flags map onto :class:`indexer.core.settings.IndexerSettings` (which also reads ``INDEXER_*`` environment variables).
+Flags are generated from :class:`indexer.settings.IndexerSettings` (which also reads ``INDEXER_*`` environment
+variables): ``--batch-size`` sets ``batch_size``, ``--encoder`` sets ``encoder.name``.
 """
 
 from __future__ import annotations
@@ -10,27 +11,20 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from indexer.core.errors import RetrievalError
-from indexer.core.settings import EncoderSettings, IndexerSettings
+from indexer.settings import IndexerSettings
+from retrieval.cli_flags import add_settings_flags, given_flags, settings_from_flags
+from retrieval.errors import RetrievalError
 
-
-def _encoder_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--encoder", help="registry name (default), open_clip:MODEL[:PRETRAINED] or dual:IMAGE[:TEXT]")
-    p.add_argument("--heads", help="projection-head checkpoint from the trainer")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+if TYPE_CHECKING:
+    from retrieval.encoders import Encoder
+    from retrieval.index import IndexStore
 
 
-def _job_args(p: argparse.ArgumentParser) -> None:
-    _encoder_args(p)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int, help="DataLoader worker processes")
-    p.add_argument("--shard-size", type=int, help="vectors per resumable shard")
-    p.add_argument("--index-key", help="FAISS factory key (default: chosen from size and memory budget)")
-    p.add_argument("--memory-budget-gb", type=float)
-    p.add_argument("--no-progress", action="store_true")
+#: The encoder's nested fields get the short flags users type.
+ENCODER_FLAGS = {"encoder.name": "encoder", "encoder.heads": "heads", "encoder.precision": "precision",
+                 "encoder.device": "device"}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -46,13 +40,13 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, help="only the first N images (quick runs)")
     b.add_argument("--engine", choices=["local", "ray"], default="local")
     b.add_argument("--ray-address", help="Ray cluster address (default: start a local instance)")
-    _job_args(b)
+    add_settings_flags(b, IndexerSettings, rename=ENCODER_FLAGS)
 
     a = sub.add_parser("add", help="encode more images into an existing index")
     a.add_argument("index")
     a.add_argument("paths", nargs="+", help="image files or folders under the index's source root")
     a.add_argument("--root", help="folder the ids are relative to (default: the index's source root)")
-    _job_args(a)
+    add_settings_flags(a, IndexerSettings, rename=ENCODER_FLAGS)
 
     r = sub.add_parser("remove", help="remove images by id")
     r.add_argument("index")
@@ -64,7 +58,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", help="query by an image file instead")
     s.add_argument("-k", "--top-k", type=int, default=5)
     s.add_argument("--json", action="store_true", help="print JSON")
-    _encoder_args(s)
+    add_settings_flags(s, IndexerSettings, skip=[f for f in IndexerSettings.model_fields if f != "encoder"],
+                       rename=ENCODER_FLAGS)
 
     i = sub.add_parser("info", help="print an index's manifest")
     i.add_argument("index")
@@ -75,33 +70,21 @@ def make_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> IndexerSettings:
     """Environment/defaults first, then every flag that was given."""
-    base = IndexerSettings()
-    enc = base.encoder.model_dump()
-    for key, attr in (("name", "encoder"), ("heads", "heads"), ("precision", "precision"), ("device", "device")):
-        if getattr(args, attr, None) is not None:
-            enc[key] = getattr(args, attr)
-    updates: dict[str, Any] = {"encoder": EncoderSettings(**enc)}
-    for attr in ("batch_size", "workers", "shard_size", "index_key", "memory_budget_gb"):
-        if getattr(args, attr, None) is not None:
-            updates[attr] = getattr(args, attr)
-    if getattr(args, "no_progress", False):
-        updates["progress"] = False
-    return IndexerSettings.model_validate({**base.model_dump(), **updates})
+    return settings_from_flags(IndexerSettings, args)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    from indexer.pipeline import build_index
+
     settings = settings_from_args(args)
+    job = {"captions": args.captions, "split": args.split, "limit": args.limit}
     if args.engine == "ray":
-        from indexer.ray_engine import build_with_ray
+        from indexer.ray_engine import RayEngine
 
-        result = build_with_ray(
-            args.src, args.out, settings, captions=args.captions, split=args.split, limit=args.limit,
-            address=args.ray_address,
-        )
+        with RayEngine(settings, address=args.ray_address) as engine:
+            result = build_index(args.src, args.out, settings, engine=engine, **job)
     else:
-        from indexer.build import build_index
-
-        result = build_index(args.src, args.out, settings, captions=args.captions, split=args.split, limit=args.limit)
+        result = build_index(args.src, args.out, settings, **job)
     m = result.manifest
     print(
         f"indexed {m.count} images into {result.out} ({m.index_key}, dim {m.dim}, {m.encoder_label}); "
@@ -114,14 +97,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
-    from indexer.build import add_images
+    from indexer.local_engine import LocalEngine
+    from indexer.pipeline import add_images
 
     settings = settings_from_args(args)
     encoder, store = encoder_for_index(args.index, args)  # the index's own encoder unless --encoder names one
     root = args.root or store.manifest.build.get("source_root")
     if not root:
         raise SystemExit("the index records no source root; pass --root")
-    manifest, skipped = add_images(args.index, args.paths, settings, root=root, encoder=encoder)
+    manifest, skipped = add_images(args.index, args.paths, settings, root=root,
+                                   engine=LocalEngine(encoder, settings))
     print(f"index now holds {manifest.count} images; {len(skipped)} skipped")
     for rid, reason in skipped:
         print(f"  skipped {rid}: {reason}", file=sys.stderr)
@@ -129,35 +114,35 @@ def _cmd_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    from indexer.core.index_store import remove_from_index
+    from retrieval.index import remove_from_index
 
     manifest = remove_from_index(args.index, args.ids)
     print(f"removed {len(set(args.ids))}; index now holds {manifest.count} images")
     return 0
 
 
-def encoder_for_index(index: str | Path, args: argparse.Namespace | None = None):
-    """Build the encoder an index was made with (from its manifest), unless flags name another."""
-    from indexer.core.encoders import EncoderSpec, build_encoder, parse_spec
-    from indexer.core.index_store import IndexStore
+def encoder_for_index(index: str | Path, args: argparse.Namespace | None = None) -> tuple[Encoder, IndexStore]:
+    """Build the encoder an index was made with (from its manifest), unless flags name another; and open the index
+    checked against it."""
+    from retrieval.encoders import EncoderSpec, build_encoder
+    from retrieval.index import IndexStore
 
     manifest = IndexStore.open(index).manifest
-    if args is not None and args.encoder:
-        spec = parse_spec(args.encoder, heads=args.heads, precision=args.precision, device=args.device)
+    flags = given_flags(args).get("encoder", {}) if args is not None else {}
+    if args is not None and "name" in flags:
+        spec = settings_from_flags(IndexerSettings, args).encoder.spec()
     else:
         stored = dict(manifest.build.get("encoder_spec") or {})
         if not stored:
             raise SystemExit("the index records no encoder spec; pass --encoder")
-        for key in ("precision", "device"):
-            if args is not None and getattr(args, key, None):
-                stored[key] = getattr(args, key)
+        stored.update({k: v for k, v in flags.items() if k in ("precision", "device")})
         spec = EncoderSpec(**stored)
     encoder = build_encoder(spec)
     return encoder, IndexStore.open(index, expected_encoder=encoder.identity())
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from indexer.core.images import load_image
+    from retrieval.images import load_image
 
     if bool(args.query) == bool(args.image):
         raise SystemExit("give a text query or --image PATH (one of them)")
@@ -186,16 +171,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from indexer.core.index_store import IndexStore
+    from retrieval.index import IndexStore
 
     print(IndexStore.open(args.index).manifest.model_dump_json(indent=2))
     return 0
 
 
 def _cmd_encoders(args: argparse.Namespace) -> int:
-    from indexer.core.encoders import ENCODER_CONFIGS
+    from retrieval.encoders import encoder_configs
 
-    for name, spec in sorted(ENCODER_CONFIGS.items()):
+    for name, spec in sorted(encoder_configs().items()):
         print(f"{name:22s} {spec.label()}")
     return 0
 
@@ -209,6 +194,10 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command in ("build", "add", "remove", "search"):
+        from retrieval.index import configure_faiss
+
+        configure_faiss()
     try:
         return COMMANDS[args.command](args)
     except RetrievalError as exc:

@@ -1,23 +1,23 @@
 """Distributed indexing on a Ray cluster: ``python -m indexer build SRC --out DIR --engine ray``.
 
-The same job as :func:`indexer.build.build_index`, spread over a cluster with Ray Data::
+An :class:`~indexer.pipeline.Engine` for the one pipeline (:mod:`indexer.pipeline`), spread over a cluster with
+Ray Data::
 
-    plan_records (driver) ─► from_items ─► map_batches(decode)  ─► map_batches(EncodeActor) ─► shards ─► finalize
-                                            CPU tasks, any node     actor pool: one per GPU       (driver)  one index
-                                            read + decode + resize  (num_gpus=1), else CPU actors
+    records (driver) ─► from_items ─► map_batches(decode)  ─► map_batches(EncodeActor) ─► EncodedBatch ─► shards
+                                       CPU tasks, any node     actor pool: one per GPU       (driver, in input order)
+                                       read + decode + resize  (num_gpus=1), else CPU actors
 
 - Decoding (the CPU-heavy half) runs as stateless tasks on every CPU of the cluster; the encoder lives in a pool of
   actors that each build it once: one actor per GPU (``num_gpus=1``, fp16 with ``--precision auto``) when the
   cluster has GPUs, else CPU actors (bf16). Unreadable images are recorded as skipped, never fatal.
-- The driver streams the results in input order into the :class:`~indexer.build.ShardWriter` of the local engine,
-  so a Ray build is resumable exactly like a local one (rerun the command: committed shards are kept), and
-  :func:`~indexer.build.finalize` builds one FAISS index from all shards (IVF-PQ for large counts, chosen by
-  :func:`~indexer.core.index_store.choose_index_key`). The result equals a single-process build: same ids in the
-  same order, same vectors within float tolerance.
+- The driver streams the results in input order into the pipeline's shard store, so a Ray build is resumable
+  exactly like a local one (rerun the command: committed shards are kept), and one FAISS index is built from all
+  shards (IVF-PQ for large counts, chosen by :func:`~retrieval.index.choose_index_key`). The result equals a
+  single-process build: same ids in the same order, same vectors within float tolerance.
 - On a real cluster every node needs the package installed (or a ``runtime_env``) and must see the image files
   and any local weights/head files at the same paths (shared storage); the driver writes the index.
 
-Encoder specs are sent to the workers as data (a resolved :class:`~indexer.core.encoders.EncoderSpec`), so named
+Encoder specs are sent to the workers as data (a resolved :class:`~retrieval.encoders.spec.EncoderSpec`), so named
 configs of the driver need no registration there; open_clip *model* configs that exist only in the driver process
 (tests, plugins) are passed along with ``open_clip_configs`` and registered in each worker.
 """
@@ -28,30 +28,22 @@ import functools
 import logging
 import os
 import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from indexer.build import (
-    BuildResult,
-    EncodeStats,
-    ShardWriter,
-    finalize,
-    plan_records,
-    record_metadata,
-    source_root,
-    work_dir_for,
-)
-from indexer.core.encoders import EncoderSpec
-from indexer.core.errors import BadInput, EncoderUnavailable
-from indexer.core.settings import IndexerSettings
+from indexer.pipeline import EncodedBatch
+from indexer.settings import IndexerSettings
+from retrieval.encoders.spec import EncoderSpec
+from retrieval.errors import EncoderUnavailable
 
 if TYPE_CHECKING:
-    from indexer.core.encoders import Encoder
+    from retrieval.datasets import ImageRecord
+    from retrieval.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +67,7 @@ def _register_configs(configs: dict[str, dict[str, Any]] | None) -> None:
     """Register driver-only open_clip model configs in this worker process (idempotent)."""
     if not configs:
         return
-    from indexer.core.encoders import register_open_clip_config
+    from retrieval.encoders.factory import register_open_clip_config
 
     folder = Path(tempfile.mkdtemp(prefix="openclip-cfg-"))
     for name, cfg in configs.items():
@@ -83,7 +75,7 @@ def _register_configs(configs: dict[str, dict[str, Any]] | None) -> None:
 
 
 def _build(spec_data: dict[str, Any], configs: dict[str, dict[str, Any]] | None) -> Encoder:
-    from indexer.core.encoders import build_encoder
+    from retrieval.encoders import build_encoder
 
     _register_configs(configs)
     return build_encoder(EncoderSpec(**spec_data))
@@ -93,7 +85,7 @@ def probe_encoder(spec_data: dict[str, Any], configs: dict[str, dict[str, Any]] 
     """Build the encoder once: its identity (for the shard writer) and its image transform, pickled.
 
     The transform travels as bytes because unpickling it imports torchvision, which must come after
-    :mod:`indexer.core._torch_compat` (see :func:`_load_transform`).
+    :mod:`retrieval._torch_compat` (see :func:`_load_transform`).
     """
     import ray.cloudpickle
 
@@ -105,7 +97,7 @@ def probe_encoder(spec_data: dict[str, Any], configs: dict[str, dict[str, Any]] 
 def _load_transform(blob: bytes) -> Any:
     import pickle
 
-    from indexer.core import _torch_compat  # noqa: F401  (before torchvision is imported by unpickling)
+    from retrieval import _torch_compat  # noqa: F401  (before torchvision is imported by unpickling)
 
     return pickle.loads(blob)
 
@@ -115,8 +107,8 @@ def decode_batch(batch: dict[str, np.ndarray], transform: bytes, max_pixels: int
 
     Failed images keep their row (``error`` set, pixels zero) so the driver can record them as skipped.
     """
-    from indexer.core.errors import BadImage
-    from indexer.core.images import load_image
+    from retrieval.errors import BadImage
+    from retrieval.images import load_image
 
     fn = _load_transform(transform)
     pixels: list[np.ndarray | None] = []
@@ -148,7 +140,7 @@ class EncodeActor:
 
         import torch
 
-        from indexer.core.errors import IndexEncoderMismatch
+        from retrieval.errors import IndexEncoderMismatch
 
         if threads > 0:
             torch.set_num_threads(threads)
@@ -223,122 +215,108 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
-def build_with_ray(
-    src: str | Path,
-    out: str | Path,
-    settings: IndexerSettings | None = None,
-    *,
-    captions: str | Path | None = None,
-    split: str | None = None,
-    limit: int | None = None,
-    address: str | None = None,
-    actors: int | None = None,
-    cpus_per_actor: float | None = None,
-    num_cpus: int | None = None,
-    open_clip_configs: dict[str, dict[str, Any]] | None = None,
-) -> BuildResult:
-    """Index the images under ``src`` into ``out`` with Ray; resumes a partial build of the same job.
+class RayEngine:
+    """The Ray engine, used as a context manager (it connects to or starts Ray, and stops what it started)::
+
+        with RayEngine(settings) as engine:
+            build_index(src, out, settings, engine=engine)
 
     ``address``: a Ray cluster (``ray://...`` or ``auto``); None starts a local instance of ``num_cpus`` CPUs
     (default: all), or uses the one already initialised in this process. ``actors``/``cpus_per_actor`` override
     :func:`plan_cluster`. ``open_clip_configs``: model configs to register in every worker (name -> config).
     """
-    import ray
-    import ray.data
 
-    settings = settings or IndexerSettings.model_validate({})
-    records = plan_records(src, captions=captions, split=split, limit=limit)
-    root = source_root(records)
-    spec = settings.encoder.spec()
-    spec_data = spec.model_dump()
-    started = _init_ray(address, num_cpus)
-    try:
-        plan = plan_cluster(ray.cluster_resources(), spec, actors=actors, cpus_per_actor=cpus_per_actor)
-        log.info("ray plan: %s", plan)
-        # The driver builds the encoder once, on its CPU, for the identity the shards are checked against and for
-        # the image transform the decode tasks apply (device and precision do not change either).
-        identity, transform = probe_encoder({**spec_data, "device": "cpu"}, None)
-        writer = ShardWriter(work_dir_for(out), identity, root)
-        todo = writer.pending(records)
-        stats = _run_pipeline(todo, writer, settings, plan, spec_data, open_clip_configs, transform)
-        skipped = writer.skipped()
-        manifest = finalize(
-            writer, out, None, settings, n_planned=len(records), stats=stats, encoder_spec=spec,
-            extra={"engine": "ray", "ray_actors": plan.actors, "ray_gpu": plan.use_gpu},
-        )
-    finally:
-        if started:
+    def __init__(
+        self,
+        settings: IndexerSettings,
+        *,
+        address: str | None = None,
+        actors: int | None = None,
+        cpus_per_actor: float | None = None,
+        num_cpus: int | None = None,
+        open_clip_configs: dict[str, dict[str, Any]] | None = None,
+    ):
+        self.settings = settings
+        self.spec: EncoderSpec = settings.encoder.spec()
+        self.address = address
+        self.actors = actors
+        self.cpus_per_actor = cpus_per_actor
+        self.num_cpus = num_cpus
+        self.open_clip_configs = open_clip_configs
+        self.build_info: dict[str, Any] = {"engine": "ray"}
+        self._started = False
+        self._plan: RayPlan | None = None
+        self._identity: dict[str, Any] | None = None
+        self._transform: bytes | None = None
+
+    def __enter__(self) -> RayEngine:
+        import ray
+
+        self._started = _init_ray(self.address, self.num_cpus)
+        try:
+            self._plan = plan_cluster(ray.cluster_resources(), self.spec, actors=self.actors,
+                                      cpus_per_actor=self.cpus_per_actor)
+            log.info("ray plan: %s", self._plan)
+            # The driver builds the encoder once, on its CPU, for the identity the shards are checked against and
+            # for the image transform the decode tasks apply (device and precision change neither).
+            self._identity, self._transform = probe_encoder(
+                {**self.spec.model_dump(), "device": "cpu"}, self.open_clip_configs
+            )
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.build_info = {"engine": "ray", "ray_actors": self._plan.actors, "ray_gpu": self._plan.use_gpu}
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._started:
+            import ray
+
             ray.shutdown()
-    return BuildResult(manifest, Path(out), stats, resumed=len(records) - len(todo), skipped=skipped)
+            self._started = False
 
+    def identity(self) -> dict[str, Any]:
+        if self._identity is None:
+            raise RuntimeError("use RayEngine as a context manager: `with RayEngine(settings) as engine: ...`")
+        return self._identity
 
-def _run_pipeline(
-    todo: Sequence[Any],
-    writer: ShardWriter,
-    settings: IndexerSettings,
-    plan: RayPlan,
-    spec_data: dict[str, Any],
-    configs: dict[str, dict[str, Any]] | None,
-    transform: bytes,
-) -> EncodeStats:
-    """Decode and encode ``todo`` on the cluster; commit results to ``writer`` in input order, shard by shard."""
-    import ray.data
+    def encode(self, records: Sequence[ImageRecord]) -> Iterator[EncodedBatch]:
+        """Decode and encode ``records`` on the cluster; batches come back in input order."""
+        import ray.data
 
-    stats = EncodeStats()
-    if not todo:
-        return stats
-    start = time.perf_counter()
-    batch_size = settings.batch_for("cuda" if plan.use_gpu else "cpu")
-    items = [{"idx": i, "path": str(r.path)} for i, r in enumerate(todo)]
-    n_blocks = max(1, min(-(-len(items) // batch_size), 256))  # about one decode task per batch
-    ds: Any = ray.data.from_items(items, override_num_blocks=n_blocks)
-    ds.context.execution_options.preserve_order = True  # shards in input order: same rows as the local engine
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"transform": transform, "max_pixels": settings.max_image_pixels},
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=1,
-    )
-    ds = ds.map_batches(
-        EncodeActor,
-        fn_constructor_kwargs={
-            "spec_data": spec_data, "configs": configs, "threads": int(plan.cpus_per_actor),
-            "expected_identity": writer.encoder_identity,
-        },
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=plan.cpus_per_actor,
-        num_gpus=1 if plan.use_gpu else 0,
-        compute=ray.data.ActorPoolStrategy(size=plan.actors),
-    )
-
-    buf_ids: list[str] = []
-    buf_vecs: list[np.ndarray] = []
-    buf_meta: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        if buf_ids:
-            writer.write(buf_ids, np.concatenate(buf_vecs), buf_meta)
-            buf_ids.clear()
-            buf_vecs.clear()
-            buf_meta.clear()
-
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for idx, vec, err in zip(batch["idx"], batch["vector"], batch["error"], strict=True):
-            record = todo[int(idx)]
-            if err:
-                writer.skip(record.id, str(err))
-                stats.skipped += 1
-                continue
-            buf_ids.append(record.id)
-            buf_vecs.append(np.asarray(vec, np.float32)[None, :])
-            buf_meta.append(record_metadata(record))
-            stats.encoded += 1
-            if len(buf_ids) >= settings.shard_size:
-                flush()
-    flush()
-    stats.seconds = time.perf_counter() - start
-    if stats.encoded + stats.skipped != len(todo):
-        raise BadInput(f"ray pipeline returned {stats.encoded + stats.skipped} results for {len(todo)} images")
-    return stats
+        if not records:
+            return
+        plan, transform = self._plan, self._transform
+        if plan is None or transform is None:
+            raise RuntimeError("use RayEngine as a context manager: `with RayEngine(settings) as engine: ...`")
+        settings = self.settings
+        batch_size = settings.batch_for("cuda" if plan.use_gpu else "cpu")
+        items = [{"idx": i, "path": str(r.path)} for i, r in enumerate(records)]
+        n_blocks = max(1, min(-(-len(items) // batch_size), 256))  # about one decode task per batch
+        ds: Any = ray.data.from_items(items, override_num_blocks=n_blocks)
+        ds.context.execution_options.preserve_order = True  # shards in input order: same rows as the local engine
+        ds = ds.map_batches(
+            decode_batch,
+            fn_kwargs={"transform": transform, "max_pixels": settings.max_image_pixels},
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=1,
+        )
+        ds = ds.map_batches(
+            EncodeActor,
+            fn_constructor_kwargs={
+                "spec_data": self.spec.model_dump(), "configs": self.open_clip_configs,
+                "threads": int(plan.cpus_per_actor), "expected_identity": self._identity,
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=plan.cpus_per_actor,
+            num_gpus=1 if plan.use_gpu else 0,
+            compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            ok = [(int(i), v) for i, v, e in zip(batch["idx"], batch["vector"], batch["error"], strict=True) if not e]
+            failed = [(int(i), str(e)) for i, e in zip(batch["idx"], batch["error"], strict=True) if e]
+            vectors = np.stack([v for _, v in ok]).astype(np.float32) if ok else np.zeros((0, 0), np.float32)
+            yield EncodedBatch([i for i, _ in ok], vectors, failed)

@@ -21,7 +21,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from indexer.core.errors import Overloaded
+from retrieval.errors import Overloaded
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from indexer.core.errors import BadInput, BadQuery, IndexNotFound, UnknownId
-from indexer.core.images import IMAGE_EXTENSIONS, load_image
-from indexer.core.index_store import IndexStore
+from retrieval.errors import BadInput, BadQuery, IndexNotFound, UnknownId
+from retrieval.images import IMAGE_EXTENSIONS, load_image
+from retrieval.index import IndexStore
 
 if TYPE_CHECKING:
-    from indexer.core.encoders import Encoder
+    from retrieval.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -238,14 +238,6 @@ class Searcher:
                 results[i] = h
         return results
 
-    def search_text(self, texts: Sequence[str], k: int, min_score: float | None = None) -> list[list[Hit]]:
-        """Strings -> a hit list per string (raises BadQuery/BadInput on the first bad one)."""
-        out = self.search_text_batch([TextQuery(t, k, min_score) for t in texts])
-        for r in out:
-            if isinstance(r, BaseException):
-                raise r
-        return out  # type: ignore[return-value]
-
     # -- vectors ---------------------------------------------------------------------------------------------------
     def search_vectors(
         self,
@@ -310,12 +302,6 @@ class Searcher:
             for i, h in zip(good, hits, strict=True):
                 results[i] = h
         return results
-
-    def search_image(self, data: bytes, k: int, min_score: float | None = None) -> list[Hit]:
-        (res,) = self.search_image_batch([(data, k, min_score)])
-        if isinstance(res, BaseException):
-            raise res
-        return res
 
     def similar(self, item_id: str, k: int, min_score: float | None = None) -> list[Hit]:
         """Nearest neighbours of an indexed item (the item itself left out). Raises UnknownId."""

@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from indexer.core.errors import (
+from retrieval.errors import (
     BadImage,
     BadInput,
     BadQuery,

@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from service.api.deps import ServiceState, require_search_key
+from retrieval.cli_flags import add_settings_flags, settings_from_flags
+from service.api.deps import ServiceState
 from service.api.routes import admin, health, images, pages, search
 from service.errors import install_error_handlers
 from service.middleware import AccessLogMiddleware, BodyLimitMiddleware, RateLimitMiddleware, TokenBuckets
@@ -25,7 +26,7 @@ from service.observability import Metrics, configure_logging
 from service.settings import ServiceSettings
 
 if TYPE_CHECKING:
-    from indexer.core.encoders import Encoder
+    from retrieval.encoders import Encoder
 
 log = logging.getLogger("service")
 
@@ -52,13 +53,16 @@ def _lifespan(encoder: Encoder | None):
         state: ServiceState = app.state.service
         cfg = state.settings
         try:
+            from retrieval.index import configure_faiss
+
+            configure_faiss()  # process-wide faiss tuning, once, here at start
             if cfg.torch_threads:
                 import torch  # the lifespan, not a route: routes never import torch
 
                 torch.set_num_threads(cfg.torch_threads)
             if encoder is None:
-                from indexer.core.encoders import build_encoder
-                from indexer.core.index_store import IndexStore
+                from retrieval.encoders import build_encoder
+                from retrieval.index import IndexStore
 
                 spec = cfg.encoder.spec()
                 # Fail fast, before loading any weights: the manifest must name this encoder.
@@ -127,7 +131,6 @@ def create_app(settings: ServiceSettings | None = None, *, encoder: Encoder | No
     app.include_router(admin.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
-    _ = require_search_key  # search/stats routers carry the key dependency themselves
 
     # Middleware: the last added runs first. Order seen by a request: access log -> CORS -> rate limit -> body limit.
     app.add_middleware(
@@ -148,37 +151,26 @@ def create_app(settings: ServiceSettings | None = None, *, encoder: Encoder | No
     return app
 
 
+#: The encoder's nested fields get the short flags users type.
+ENCODER_FLAGS = {"encoder.name": "encoder", "encoder.heads": "heads", "encoder.precision": "precision",
+                 "encoder.device": "device"}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> ServiceSettings:
-    """CLI flags override environment variables (``SERVICE_*``), which override defaults."""
+    """CLI flags (generated from :class:`ServiceSettings`) override environment variables (``SERVICE_*``), which
+    override defaults. List and secret settings (API keys, CORS origins) come from the environment only."""
     p = argparse.ArgumentParser(prog="retrieval-serve", description="Serve an index over HTTP.")
-    p.add_argument("index_dir", nargs="?", type=Path, help="index folder (default: SERVICE_INDEX_DIR)")
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int)
-    p.add_argument("--encoder", help="encoder name or spec (must match the index)")
-    p.add_argument("--heads", help="projection-head checkpoint")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device")
-    p.add_argument("--image-root", type=Path, help="image folder (default: the manifest's source_root)")
-    p.add_argument("--no-batching", action="store_true", help="encode each request on its own")
-    p.add_argument("--max-batch", type=int)
-    p.add_argument("--max-wait-ms", type=float)
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("index_dir_pos", nargs="?", type=Path, metavar="INDEX_DIR",
+                   help="index folder (default: SERVICE_INDEX_DIR)")
     p.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
+    add_settings_flags(p, ServiceSettings, rename=ENCODER_FLAGS)
     args = p.parse_args(argv)
-    base = ServiceSettings()
-    update: dict[str, Any] = {}
-    for field in ("index_dir", "host", "port", "image_root", "max_batch", "max_wait_ms", "log_level"):
-        if getattr(args, field) is not None:
-            update[field] = getattr(args, field)
-    enc = {k: getattr(args, k if k != "name" else "encoder") for k in ("name", "heads", "precision", "device")}
-    enc = {k: v for k, v in enc.items() if v is not None}
-    if enc:
-        update["encoder"] = base.encoder.model_copy(update=enc)
-    if args.no_batching:
-        update["batching"] = False
+    extra: dict[str, Any] = {}
+    if args.index_dir_pos is not None:
+        extra["index_dir"] = args.index_dir_pos
     if args.plain_logs:
-        update["log_json"] = False
-    return ServiceSettings.model_validate({**base.model_dump(), **update})
+        extra["log_json"] = False
+    return settings_from_flags(ServiceSettings, args, **extra)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

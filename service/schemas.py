@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.settings import HARD_MAX_BATCH_QUERIES, HARD_MAX_QUERY_CHARS, HARD_MAX_TOP_K
 
-TopK = Field(12, ge=1, le=HARD_MAX_TOP_K, strict=True, description="number of results (an integer, not a string)")
+TopK = Field(None, ge=1, le=HARD_MAX_TOP_K, strict=True,
+             description="number of results (an integer, not a string); default: the service's default_top_k")
 MinScore = Field(None, ge=-1.0, le=1.0, description="drop results whose cosine score is below this")
 
 
@@ -22,7 +23,7 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"query": "a dog in the snow"}]})
 
     query: str = Field(..., min_length=1, max_length=HARD_MAX_QUERY_CHARS, description="free text")
-    top_k: int = TopK
+    top_k: int | None = TopK
     min_score: float | None = MinScore
 
     _check_query = field_validator("query")(_not_blank)
@@ -32,7 +33,7 @@ class BatchSearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     queries: list[str] = Field(..., min_length=1, max_length=HARD_MAX_BATCH_QUERIES)
-    top_k: int = TopK
+    top_k: int | None = TopK
     min_score: float | None = MinScore
 
     @field_validator("queries")

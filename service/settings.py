@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from indexer.core.settings import EncoderSettings
+from retrieval.settings import EncoderSettings
 
 #: Hard ceilings that appear in the OpenAPI schema; settings may only lower them.
 HARD_MAX_QUERY_CHARS = 2000

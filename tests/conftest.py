@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-FLICKR8K = Path(os.environ.get("FLICKR8K_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"))
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FLICKR8K = Path(os.environ.get("FLICKR8K_DIR", SHARED_DATA / "flickr8k"))
+CALTECH101_DEV = Path(os.environ.get("CALTECH101_DEV_DIR", SHARED_DATA / "caltech101-dev"))
 
 #: A tiny open_clip model (ViT with 2 layers, 64-d): builds in well under a second with random weights.
 TINY_CLIP_NAME = "tiny-test-vit"
@@ -24,20 +23,33 @@ TINY_CLIP_CONFIG = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _faiss_configured():
+    """The apps call configure_faiss() once at start; the suite does the same."""
+    from retrieval.index import configure_faiss
+
+    configure_faiss()
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_spec(tmp_path_factory: pytest.TempPathFactory):
-    """An EncoderSpec for the tiny open_clip config (random weights, fp32, CPU)."""
-    from indexer.core.encoders import EncoderSpec, register_open_clip_config
+    """An EncoderSpec for the tiny open_clip config (random weights, fp32, CPU); its open_clip model config is
+    registered for the session and removed again at the end."""
+    from retrieval.encoders import EncoderSpec
+    from retrieval.encoders.open_clip_backbone import register_open_clip_config  # before open_clip: torch compat
 
     register_open_clip_config(TINY_CLIP_NAME, TINY_CLIP_CONFIG, tmp_path_factory.mktemp("clipcfg"))
-    return EncoderSpec(backend="open_clip", model=TINY_CLIP_NAME, pretrained=None, precision="fp32", device="cpu")
+    yield EncoderSpec(backend="open_clip", model=TINY_CLIP_NAME, pretrained=None, precision="fp32", device="cpu")
+    from open_clip import factory as open_clip_factory
+
+    open_clip_factory._MODEL_CONFIGS.pop(TINY_CLIP_NAME, None)
 
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_clip_spec):
     import torch
 
-    from indexer.core.encoders import build_encoder
+    from retrieval.encoders import build_encoder
 
     torch.manual_seed(0)
     return build_encoder(tiny_clip_spec)
@@ -67,9 +79,20 @@ def image_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def _data_pack(path: Path, env: str) -> Path:
+    if not (path / "captions.jsonl").is_file():
+        pytest.skip(f"real data not found at {path} (set {env}, or see data/README.md to fetch it): "
+                    "this test needs it")
+    return path
+
+
 @pytest.fixture(scope="session")
 def flickr8k() -> Path:
-    """The real Flickr8k pack from ../shared/data (read in place, never copied)."""
-    if not (FLICKR8K / "captions.jsonl").is_file():
-        pytest.fail(f"Flickr8k not found at {FLICKR8K}; set FLICKR8K_DIR")
-    return FLICKR8K
+    """The real Flickr8k pack from ../shared/data (read in place, never copied); skips when absent."""
+    return _data_pack(FLICKR8K, "FLICKR8K_DIR")
+
+
+@pytest.fixture(scope="session")
+def caltech101_dev() -> Path:
+    """The Caltech-101 dev pack from ../shared/data (read in place); skips when absent."""
+    return _data_pack(CALTECH101_DEV, "CALTECH101_DEV_DIR")

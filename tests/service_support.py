@@ -23,7 +23,7 @@ def build_test_index(encoder: Any, out: Path, images: Path, n: int = 12, *, seed
                      ) -> list[str]:
     """Generate ``n`` images under ``images`` (if missing), encode them with ``encoder``, write an index to ``out``.
     Returns the ids (file names)."""
-    from indexer.core.index_store import write_index
+    from retrieval.index import write_index
 
     paths = sorted(images.glob("img_*.jpg"))[:n] if images.is_dir() else []
     if len(paths) < n:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -30,3 +31,50 @@ def test_ruff_is_clean():
 def test_mypy_is_clean():
     proc = subprocess.run([_tool("mypy"), "--no-incremental"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+def test_http_layer_loads_no_torch_faiss_or_numpy():
+    """The HTTP layer (routes, schemas, dependencies, settings) imports in a fresh interpreter without pulling in
+    torch, faiss or numpy, even indirectly: those belong to the engine the lifespan builds."""
+    code = (
+        "import sys\n"
+        "import service.api.deps, service.schemas, service.settings, service.errors\n"
+        "from service.api.routes import admin, health, images, pages, search\n"
+        "print(','.join(m for m in ('torch', 'faiss', 'numpy') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "", f"loaded by the HTTP layer: {proc.stdout.strip()}"
+
+
+def test_encoder_spec_and_settings_are_torch_free():
+    """Settings of every app name an encoder through the torch-free spec module."""
+    code = (
+        "import sys\n"
+        "import retrieval.encoders, retrieval.settings\n"
+        "from retrieval.encoders import parse_spec\n"
+        "parse_spec('default').identity()\n"
+        "print(','.join(m for m in ('torch', 'faiss', 'numpy') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "", f"loaded by the spec: {proc.stdout.strip()}"
+
+
+def test_library_leaves_the_environment_alone():
+    """Building an offline encoder needs no hub switch in the environment and sets none (the library used to set
+    HF_HUB_OFFLINE process-wide). torch and tokenizers set their own variables at import; those are not ours."""
+    code = (
+        "import os, sys\n"
+        "before = dict(os.environ)\n"
+        "from retrieval.encoders import build_encoder\n"
+        "build_encoder('zero-shot')\n"
+        "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))\n"
+        "print(','.join(changed))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    changed = proc.stdout.strip().splitlines()[-1].split(",")
+    assert not [k for k in changed if k.startswith(("HF_", "TRANSFORMERS_"))], f"environment changed: {changed}"

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.build import ShardWriter, build_index, work_dir_for
 from indexer.cli import main as cli_main
-from indexer.core.errors import IndexEncoderMismatch
-from indexer.core.index_store import IndexStore, read_vectors
-from indexer.core.settings import IndexerSettings
+from indexer.local_engine import LocalEngine
+from indexer.pipeline import build_index, work_dir_for
+from indexer.settings import IndexerSettings
+from indexer.shards import ShardStore
+from retrieval.errors import IndexEncoderMismatch
+from retrieval.index import IndexStore, read_vectors
 from tests.conftest import TINY_CLIP_NAME, make_images
 
 
@@ -26,9 +28,14 @@ def _settings(**kw) -> IndexerSettings:
     return IndexerSettings(**{**base, **kw})
 
 
+def _build(src, out, settings: IndexerSettings, encoder, **kw):
+    """``build_index`` with the local engine around an already built encoder."""
+    return build_index(src, out, settings, engine=LocalEngine(encoder, settings), **kw)
+
+
 def test_build_indexes_every_image_with_captions(image_folder, tiny_encoder, tmp_path):
     out = tmp_path / "idx"
-    result = build_index(image_folder, out, _settings(), encoder=tiny_encoder)
+    result = _build(image_folder, out, _settings(), tiny_encoder)
     store = IndexStore.open(out, expected_encoder=tiny_encoder.identity())
     assert store.count == 12 == result.manifest.count == result.stats.encoded
     assert store.ids == sorted(store.ids) and store.ids[0] == "img_0000.jpg"
@@ -37,7 +44,7 @@ def test_build_indexes_every_image_with_captions(image_folder, tiny_encoder, tmp
     assert result.manifest.build["encoder_spec"]["model"] == TINY_CLIP_NAME
     assert not work_dir_for(out).exists()  # the work folder is removed once the index is written
     # every stored vector is the encoder's embedding of that image
-    from indexer.core.images import load_image
+    from retrieval.images import load_image
 
     expected = tiny_encoder.encode_images([load_image(image_folder / "img_0005.jpg")])[0]
     np.testing.assert_allclose(store.vector("img_0005.jpg"), expected, atol=1e-5)
@@ -53,7 +60,7 @@ def test_corrupt_and_truncated_images_are_skipped_and_listed(tmp_path, tiny_enco
     (src / "truncated.jpg").write_bytes(data[: len(data) // 2])
     out = tmp_path / "idx"
     for workers in (0, 2):
-        result = build_index(src, out, _settings(workers=workers), encoder=tiny_encoder)
+        result = _build(src, out, _settings(workers=workers), tiny_encoder)
         assert result.manifest.count == 5
         assert sorted(rid for rid, _ in result.skipped) == ["garbage.jpg", "truncated.jpg"]
         assert result.manifest.build["skipped"] == 2
@@ -65,7 +72,7 @@ def test_interrupted_build_resumes_with_exact_count(tmp_path, tiny_encoder):
     src = tmp_path / "src"
     make_images(src, 14)
     clean = tmp_path / "clean"
-    build_index(src, clean, _settings(), encoder=tiny_encoder)
+    _build(src, clean, _settings(), tiny_encoder)
 
     out = tmp_path / "idx"
 
@@ -74,13 +81,13 @@ def test_interrupted_build_resumes_with_exact_count(tmp_path, tiny_encoder):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        build_index(src, out, _settings(), encoder=tiny_encoder, on_shard=stop_after_two)
+        _build(src, out, _settings(), tiny_encoder, on_shard=stop_after_two)
     assert not out.exists()
-    partial = ShardWriter(work_dir_for(out), tiny_encoder.identity(), src.absolute())
+    partial = ShardStore(work_dir_for(out), tiny_encoder.identity(), src.absolute())
     assert len(partial.done_ids()) == 6  # two shards of three committed
 
     encoded_later: list[int] = []
-    result = build_index(src, out, _settings(), encoder=tiny_encoder, on_shard=encoded_later.append)
+    result = _build(src, out, _settings(), tiny_encoder, on_shard=encoded_later.append)
     assert result.resumed == 6 and result.stats.encoded == 8
     store = IndexStore.open(out)
     assert store.count == 14 and len(set(store.ids)) == 14
@@ -99,16 +106,16 @@ def test_resume_with_another_encoder_is_refused(tmp_path, tiny_encoder, tiny_cli
         raise Interrupted
 
     with pytest.raises(Interrupted):
-        build_index(src, out, _settings(), encoder=tiny_encoder, on_shard=stop)
+        _build(src, out, _settings(), tiny_encoder, on_shard=stop)
 
-    from indexer.core.encoders import build_encoder
-    from indexer.core.heads import HeadConfig, HeadPair, save_heads
+    from retrieval.encoders import build_encoder
+    from retrieval.heads import HeadConfig, HeadPair, save_heads
 
     ckpt = tmp_path / "h.pt"
     save_heads(HeadPair(HeadConfig(kind="residual", image_in=32, text_in=32, out_dim=32)), ckpt)
     other = build_encoder(tiny_clip_spec.model_copy(update={"heads": str(ckpt)}))
     with pytest.raises(IndexEncoderMismatch, match="another encoder"):
-        build_index(src, out, _settings(), encoder=other)
+        _build(src, out, _settings(), other)
 
 
 def test_cli_build_search_add_remove(tmp_path, tiny_clip_spec, capsys):
@@ -145,7 +152,7 @@ def test_cli_search_refuses_an_index_of_another_encoder(tmp_path, tiny_encoder, 
     src = tmp_path / "src"
     make_images(src, 4)
     out = tmp_path / "idx"
-    build_index(src, out, _settings(), encoder=tiny_encoder)
+    _build(src, out, _settings(), tiny_encoder)
     # the index was built with the tiny model; searching it with the default encoder must fail loudly
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["encoder"]["model"] == TINY_CLIP_NAME
@@ -162,9 +169,35 @@ def test_settings_from_environment(monkeypatch):
 
 
 def test_flickr8k_dataset_plan(flickr8k):
-    from indexer.build import plan_records, source_root
+    from indexer.pipeline import plan_records, source_root
 
     records = plan_records(flickr8k, split="test")
     assert len(records) == 1000 and all(len(r.captions) == 5 for r in records)
     assert source_root(records) == (flickr8k / "images").absolute()
     assert Path(records[0].path).is_file()
+
+
+def test_skipped_list_is_part_of_the_published_folder_and_survives_add_and_remove(tmp_path, tiny_encoder):
+    """skipped.jsonl is written inside the folder before it is swapped in, and add/remove carry it over (they used to
+    publish a folder without it)."""
+    from indexer.pipeline import add_images
+    from retrieval.index import remove_from_index
+
+    src = tmp_path / "src"
+    make_images(src / "a", 4)
+    (src / "a" / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "idx"
+    settings = _settings()
+    _build(src, out, settings, tiny_encoder)
+
+    def listed() -> list[str]:
+        return [json.loads(line)["id"] for line in (out / "skipped.jsonl").read_text().splitlines()]
+
+    assert listed() == ["a/broken.jpg"]
+    remove_from_index(out, ["a/img_0000.jpg"])
+    assert listed() == ["a/broken.jpg"]
+    make_images(src / "b", 2, seed=3)
+    (src / "b" / "also-broken.png").write_bytes(b"\x89PNG nope")
+    manifest, skipped = add_images(out, [src / "b"], settings, root=src, engine=LocalEngine(tiny_encoder, settings))
+    assert manifest.count == 5 and [i for i, _ in skipped] == ["b/also-broken.png"]
+    assert sorted(listed()) == ["a/broken.jpg", "b/also-broken.png"]

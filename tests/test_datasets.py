@@ -14,20 +14,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from indexer.core.datasets import (
-    Batch,
-    ImageLoadDataset,
+from retrieval.datasets import (
     ImageRecord,
-    LoadedItem,
-    SkipReport,
-    collate_skipping,
     discover_captions,
     load_dataset,
     read_captions,
     read_splits,
     scan_images,
 )
-from indexer.core.errors import DatasetError
+from retrieval.datasets.loader import Batch, ImageLoadDataset, LoadedItem, collate_skipping
+from retrieval.errors import DatasetError
 from tests.conftest import make_images
 
 
@@ -277,7 +273,7 @@ def test_images_subfolder_parent_captions_and_dropped(tmp_path: Path, caplog: py
         {"image": "gone.jpg", "captions": ["no file"], "split": "test"},
     ]
     (pack / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with caplog.at_level(logging.WARNING, logger="indexer.core.datasets"):
+    with caplog.at_level(logging.WARNING, logger="retrieval.datasets"):
         recs = load_dataset(pack)
     assert [r.id for r in recs] == ["img_0000.jpg", "img_0001.jpg", "img_0002.jpg"]
     assert recs[0].path == (pack / "images" / "img_0000.jpg").resolve()
@@ -371,7 +367,7 @@ def test_real_flickr8k_splits(flickr8k: Path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ImageLoadDataset + collate_skipping + SkipReport
+# ImageLoadDataset + collate_skipping
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -392,23 +388,19 @@ def test_dataloader_skips_and_reports_bad_images(folder_with_bad_images: Path, t
     assert len(records) == 8
     ds = ImageLoadDataset(records, to_tensor_16)
     loader = DataLoader(ds, batch_size=3, num_workers=num_workers, collate_fn=collate_skipping)
-    report = SkipReport()
+    skipped: list[tuple[str, str]] = []
     loaded: list[int] = []
     for batch in loader:
         assert isinstance(batch, Batch)
         assert batch.pixels.dtype == torch.float32
         assert batch.pixels.shape == (len(batch.indices), 3, 16, 16)
         loaded.extend(batch.indices)
-        report.add_batch(batch, records)
+        skipped.extend((records[i].id, reason) for i, reason in batch.failed)
     bad = {"empty.png", "garbage.jpg", "truncated.jpg"}
     assert sorted(records[i].id for i in loaded) == sorted(r.id for r in records if r.id not in bad)
-    assert {i for i, _ in report.skipped} == bad
-    reasons = dict(report.skipped)
+    assert {i for i, _ in skipped} == bad
+    reasons = dict(skipped)
     assert "truncated" in reasons["truncated.jpg"]
-    out = report.write(tmp_path / "reports" / "skipped.json")
-    data = json.loads(out.read_text())
-    assert data["count"] == 3 and {d["id"] for d in data["skipped"]} == bad
-    assert SkipReport.from_json(out.read_text()).skipped == report.skipped
 
 
 def test_dataset_items_pickle_and_collate_all_failed(folder_with_bad_images: Path):

@@ -141,7 +141,7 @@ def test_containers_hardened_and_non_root(compose: dict[str, Any]) -> None:
 
 def test_compose_env_names_are_read_by_the_settings(compose: dict[str, Any]) -> None:
     """Every SERVICE_*/INDEXER_* variable must be a field of the settings class (a typo would be silently ignored)."""
-    from indexer.core.settings import IndexerSettings
+    from indexer.settings import IndexerSettings
     from service.settings import ServiceSettings
 
     def check(env: dict[str, str], prefix: str, cls: Any) -> int:
@@ -180,12 +180,13 @@ def test_indexer_and_service_use_the_same_encoder(compose: dict[str, Any]) -> No
 
 
 def test_indexer_command_parses_with_the_cli(compose: dict[str, Any]) -> None:
-    from indexer.cli import make_parser
+    from indexer.cli import make_parser, settings_from_args
 
     cmd = [resolve_defaults(str(c)) for c in compose["services"]["indexer"]["command"]]
     assert cmd[:3] == ["python", "-m", "indexer"]
     args = make_parser().parse_args(cmd[3:])
-    assert args.command == "build" and args.out == "/index/current" and args.device == "auto"
+    assert args.command == "build" and args.out == "/index/current"
+    assert settings_from_args(args).encoder.device == "auto"
 
 
 def test_gpu_override_reserves_gpus() -> None:

@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer.core.encoders import ENCODER_CONFIGS, FLICKR8K_HEADS, EncoderSpec, build_encoder, parse_spec
-from indexer.core.errors import BadImage, BadInput, EncoderUnavailable
-from indexer.core.heads import HeadConfig, HeadPair, file_sha256, load_heads, save_heads
-from indexer.core.images import load_image
+from retrieval.checksums import file_sha256
+from retrieval.encoders import FLICKR8K_HEADS, EncoderSpec, build_encoder, encoder_configs, parse_spec
+from retrieval.errors import BadImage, BadInput, EncoderUnavailable
+from retrieval.heads import HeadConfig, HeadPair, load_heads, save_heads
+from retrieval.images import load_image
 
 
 def test_tiny_encoder_outputs_normalised_float32(tiny_encoder):
@@ -44,7 +45,7 @@ def test_text_must_be_a_list_of_strings(tiny_encoder):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("default", ENCODER_CONFIGS["default"]),
+        ("default", encoder_configs()["default"]),
         (
             "open_clip:ViT-B-32:laion2b_s34b_b79k",
             EncoderSpec(backend="open_clip", model="ViT-B-32", pretrained="laion2b_s34b_b79k"),

@@ -10,20 +10,21 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer.core import index_store as store_mod
-from indexer.core.errors import BadInput, IndexCorrupt, IndexEncoderMismatch, IndexNotFound, UnknownId
-from indexer.core.index_store import (
-    SCHEMA_VERSION,
+from retrieval import atomic as atomic_mod
+from retrieval.errors import BadInput, IndexCorrupt, IndexEncoderMismatch, IndexNotFound, UnknownId
+from retrieval.index import (
     IndexStore,
     Manifest,
     add_to_index,
     check_encoder,
     choose_index_key,
-    choose_nlist,
     read_vectors,
     remove_from_index,
     write_index,
 )
+from retrieval.index import folder as folder_mod
+from retrieval.index.choose import choose_nlist
+from retrieval.index.manifest import SCHEMA_VERSION
 
 IDENT = {"backend": "open_clip", "model": "tiny", "pretrained": None, "text_model": None, "heads_sha256": None}
 LABEL = "open_clip:tiny:None"
@@ -292,11 +293,12 @@ def _boom(*args, **kwargs):
     raise OSError("disk full (simulated)")
 
 
-@pytest.mark.parametrize("step", ["_write_faiss", "_write_meta", "_write_manifest", "_fsync_file"])
-def test_crash_mid_write_keeps_old_index(tmp_path, monkeypatch, step):
+@pytest.mark.parametrize(("module", "step"), [(folder_mod, "write_faiss"), (folder_mod, "write_meta"),
+                                              (folder_mod, "manifest_json"), (atomic_mod, "fsync_file")])
+def test_crash_mid_write_keeps_old_index(tmp_path, monkeypatch, module, step):
     old = unit(30, 8, seed=1)
     write(tmp_path / "idx", old)
-    monkeypatch.setattr(store_mod, step, _boom)
+    monkeypatch.setattr(module, step, _boom)
     with pytest.raises(OSError, match="simulated"):
         write(tmp_path / "idx", unit(50, 8, seed=2), meta(50, "new"))
     monkeypatch.undo()
@@ -307,7 +309,7 @@ def test_crash_mid_write_keeps_old_index(tmp_path, monkeypatch, step):
 
 
 def test_crash_on_fresh_write_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_mod, "_write_meta", _boom)
+    monkeypatch.setattr(folder_mod, "write_meta", _boom)
     with pytest.raises(OSError):
         write(tmp_path / "idx", unit(5, 8))
     assert list(tmp_path.iterdir()) == []
@@ -316,7 +318,7 @@ def test_crash_on_fresh_write_leaves_nothing(tmp_path, monkeypatch):
 @pytest.mark.parametrize("exchange", [True, False])
 def test_replace_swaps_whole_folder(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(store_mod, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic_mod, "exchange", lambda a, b: False)
     write(tmp_path / "idx", unit(30, 8, seed=1), index_key="IVF2,PQ2x4")  # has vectors.npy
     assert (tmp_path / "idx" / "vectors.npy").exists()
     new = unit(50, 8, seed=2)
@@ -329,7 +331,7 @@ def test_replace_swaps_whole_folder(tmp_path, monkeypatch, exchange):
 
 def test_fallback_swap_rolls_back_when_second_rename_fails(tmp_path, monkeypatch):
     write(tmp_path / "idx", unit(30, 8, seed=1))
-    monkeypatch.setattr(store_mod, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic_mod, "exchange", lambda a, b: False)
     real_rename = os.rename
     calls = []
 
@@ -339,7 +341,7 @@ def test_fallback_swap_rolls_back_when_second_rename_fails(tmp_path, monkeypatch
             raise OSError("rename failed (simulated)")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(store_mod.os, "rename", flaky_rename)
+    monkeypatch.setattr(atomic_mod.os, "rename", flaky_rename)
     with pytest.raises(OSError, match="simulated"):
         write(tmp_path / "idx", unit(50, 8, seed=2), meta(50, "new"))
     monkeypatch.undo()
@@ -507,7 +509,7 @@ def test_ann_chosen_automatically_under_budget(tmp_path, ann_data):
 
 
 def test_gpu_search_falls_back_to_cpu_or_is_refused_without_gpu(tmp_path):
-    from indexer.core.index_store import faiss_gpu_count
+    from retrieval.index import faiss_gpu_count
 
     rng = np.random.default_rng(3)
     vecs = rng.standard_normal((50, 16)).astype(np.float32)

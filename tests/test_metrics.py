@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.core.errors import BadInput
-from indexer.core.metrics import (
+from retrieval.errors import BadInput
+from retrieval.metrics import (
     precision_at_k,
     rank_of_first_relevant,
     recall_at_k,

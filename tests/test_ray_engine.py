@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.build import build_index, work_dir_for
-from indexer.core.encoders import EncoderSpec
-from indexer.core.errors import EncoderUnavailable
-from indexer.core.index_store import IndexStore, read_vectors
-from indexer.core.settings import EncoderSettings, IndexerSettings
+from indexer.pipeline import build_index, work_dir_for
 from indexer.ray_engine import RayPlan, plan_cluster
+from indexer.settings import IndexerSettings
+from retrieval.encoders import EncoderSpec
+from retrieval.errors import EncoderUnavailable
+from retrieval.index import IndexStore, read_vectors
+from retrieval.settings import EncoderSettings
 from tests.conftest import TINY_CLIP_CONFIG, TINY_CLIP_NAME, make_images
 
 
@@ -37,7 +38,7 @@ def _settings(ckpt: str, **kw) -> IndexerSettings:
 
 
 def test_ray_build_equals_local_build_and_resumes(tmp_path: Path, tiny_checkpoint: str) -> None:
-    from indexer.ray_engine import build_with_ray
+    from indexer.ray_engine import RayEngine
 
     src = tmp_path / "src"
     make_images(src, 16)
@@ -57,9 +58,8 @@ def test_ray_build_equals_local_build_and_resumes(tmp_path: Path, tiny_checkpoin
         build_index(src, out, settings, on_shard=stop)
     assert work_dir_for(out).is_dir()
 
-    result = build_with_ray(
-        src, out, settings, num_cpus=2, open_clip_configs={TINY_CLIP_NAME: TINY_CLIP_CONFIG}
-    )
+    with RayEngine(settings, num_cpus=2, open_clip_configs={TINY_CLIP_NAME: TINY_CLIP_CONFIG}) as engine:
+        result = build_index(src, out, settings, engine=engine)
     assert result.resumed == 5 and result.stats.encoded == 11 and result.stats.skipped == 1
     assert [rid for rid, _ in result.skipped] == ["zz_garbage.jpg"]
     assert not work_dir_for(out).exists()
@@ -109,11 +109,11 @@ def test_worker_udfs_without_ray(tmp_path: Path, tiny_checkpoint: str, tiny_clip
     refuses to start when its encoder differs from the driver's (another package version on a node)."""
     import ray.cloudpickle
 
-    from indexer.build import plan_records
-    from indexer.core.encoders import build_encoder
-    from indexer.core.errors import IndexEncoderMismatch
-    from indexer.core.images import load_image
+    from indexer.pipeline import plan_records
     from indexer.ray_engine import EncodeActor, decode_batch, probe_encoder
+    from retrieval.encoders import build_encoder
+    from retrieval.errors import IndexEncoderMismatch
+    from retrieval.images import load_image
 
     src = tmp_path / "src"
     paths = make_images(src, 3)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from service_support import build_test_index, running_app
 
-from indexer.core.errors import IndexEncoderMismatch, IndexNotFound
+from retrieval.errors import IndexEncoderMismatch, IndexNotFound
 from service.settings import RateLimitSettings, ServiceSettings
 
 pytestmark = pytest.mark.anyio
@@ -135,10 +135,10 @@ async def test_not_ready_is_503(tiny_encoder, two_indexes):
 
 
 async def test_startup_checks_manifest_before_loading_weights(tiny_clip_spec, tiny_encoder, two_indexes, monkeypatch):
-    import indexer.core.encoders as encoders
-    from indexer.core.settings import EncoderSettings
+    import retrieval.encoders as encoders
+    from retrieval.settings import EncoderSettings
 
-    encoders.register_encoder_config("tiny-service-test", tiny_clip_spec)
+    monkeypatch.setattr(encoders.spec, "_registry", {**encoders.encoder_configs(), "tiny-service-test": tiny_clip_spec})
     built = []
     monkeypatch.setattr(encoders, "build_encoder", lambda spec: built.append(spec) or tiny_encoder)
     enc = EncoderSettings(name="tiny-service-test", precision="fp32", device="cpu")

@@ -284,3 +284,18 @@ async def test_concurrent_requests_all_answered(client):
     rs = await asyncio.gather(*(client.post("/api/search", json={"query": f"query {i % 7}", "top_k": 3})
                                 for i in range(60)))
     assert [r.status_code for r in rs] == [200] * 60
+
+
+async def test_default_top_k_setting_applies_where_the_request_gives_none(index, tiny_encoder):
+    root, ids = index
+    settings = ServiceSettings(index_dir=root / "idx", default_top_k=3, warmup=False)
+    async with running_app(settings, tiny_encoder) as (_, c):
+        for r in (await c.get("/api/search", params={"q": "a dog"}),
+                  await c.post("/api/search", json={"query": "a dog"}),
+                  await c.get(f"/api/search/similar/{ids[0]}")):
+            assert r.status_code == 200, r.text
+            assert r.json()["top_k"] == 3 and len(r.json()["results"]) == 3
+        batch = await c.post("/api/search/batch", json={"queries": ["a", "b"]})
+        assert [len(x["results"]) for x in batch.json()["results"]] == [3, 3]
+        explicit = await c.post("/api/search", json={"query": "a dog", "top_k": 5})
+        assert len(explicit.json()["results"]) == 5

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from indexer.core.errors import BadQuery, Overloaded
+from retrieval.errors import BadQuery, Overloaded
 from service.batching import DirectRunner, MicroBatcher
 
 pytestmark = pytest.mark.anyio

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.core import errors as core_errors
+from retrieval import errors as core_errors
 from service.engine import LRUCache, normalize_query
 from service.errors import STATUS, PayloadTooLarge, RateLimited, status_for
 from service.main import parse_args

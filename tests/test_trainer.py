@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.core.encoders import EncoderSpec, build_encoder, register_encoder_config
-from indexer.core.heads import load_heads
+from retrieval.encoders import EncoderSpec, build_encoder, registered_encoder_config
+from retrieval.heads import load_heads
 from tests.conftest import make_images
 from trainer.config import TrainerSettings
 from trainer.evaluate import evaluate_features, recall_curve, summary_table
@@ -267,7 +267,11 @@ def test_unreadable_image_is_skipped(tmp_path: Path, tiny_encoder) -> None:
 def test_cli_train_then_eval(tmp_path: Path, image_folder: Path, tiny_clip_spec: EncoderSpec) -> None:
     from trainer.cli import main
 
-    register_encoder_config("tiny-trainer-test", tiny_clip_spec)
+    with registered_encoder_config("tiny-trainer-test", tiny_clip_spec):
+        _train_then_eval(tmp_path, image_folder, tiny_clip_spec, main)
+
+
+def _train_then_eval(tmp_path: Path, image_folder: Path, tiny_clip_spec: EncoderSpec, main) -> None:
     out, cache = tmp_path / "run", tmp_path / "cache"
     rc = main(["train", "--data", str(image_folder), "--encoder", "tiny-trainer-test", "--train-split", "all",
                "--dev-split", "all", "--epochs", "2", "--batch-size", "4", "--workers", "0", "--warmup-steps", "1",

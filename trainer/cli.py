@@ -9,48 +9,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
-from indexer.core.errors import RetrievalError
+from retrieval.cli_flags import add_settings_flags, settings_from_flags
+from retrieval.errors import RetrievalError
 from trainer.config import TrainerSettings
 
 log = logging.getLogger("trainer")
 
 
-def _field_type(annotation: Any) -> tuple[Any, list[Any] | None]:
-    """argparse ``type`` and ``choices`` for a simple pydantic annotation."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        return type(args[0]), list(args)
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        return _field_type(args[0])
-    return annotation, None
-
-
-def _add_settings_flags(p: argparse.ArgumentParser, skip: set[str]) -> None:
-    for name, field in TrainerSettings.model_fields.items():
-        if name in skip:
-            continue
-        flag = "--" + name.replace("_", "-")
-        help_ = f"{field.description or ''} (default: {field.default!r})".strip()
-        if field.annotation is bool:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            typ, choices = _field_type(field.annotation)
-            p.add_argument(flag, dest=name, type=typ, choices=choices, default=None, help=help_)
-
-
 def settings_from_args(ns: argparse.Namespace) -> TrainerSettings:
     """CLI values (those given) override environment and defaults."""
-    given = {k: v for k, v in vars(ns).items() if k in TrainerSettings.model_fields and v is not None}
-    return TrainerSettings(**given)
+    return settings_from_flags(TrainerSettings, ns)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=64)
 
     t = sub.add_parser("train", help="train projection heads on cached features")
-    _add_settings_flags(t, skip=set())
+    add_settings_flags(t, TrainerSettings)
 
     e = sub.add_parser("eval", help="retrieval metrics + plots on a split or captions file")
     e.add_argument("--data", required=True)
@@ -87,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_features(ns: argparse.Namespace) -> dict[str, Any]:
-    from indexer.core.encoders import build_encoder, parse_spec
+    from retrieval.encoders import build_encoder, parse_spec
     from trainer.evaluate import load_split
     from trainer.features import FeatureCache, split_features
 
@@ -105,8 +78,8 @@ def run_train(cfg: TrainerSettings) -> dict[str, Any]:
     """Feature caching + training; writes ``<out>/metrics.json`` and returns it."""
     import torch
 
-    from indexer.core.encoders import build_encoder
-    from indexer.core.heads import file_sha256
+    from retrieval.checksums import file_sha256
+    from retrieval.encoders import build_encoder
     from trainer.evaluate import load_split
     from trainer.features import FeatureCache, split_features
     from trainer.train import Trainer
@@ -154,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if ns.command == "features":
             print(json.dumps(cmd_features(ns), indent=2))

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from indexer.core.encoders import EncoderSpec, parse_spec
+from retrieval.encoders import EncoderSpec, parse_spec
 
 HeadChoice = Literal["auto", "linear", "mlp", "residual"]
 

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.core.datasets import load_dataset
-from indexer.core.encoders import Encoder, EncoderSpec, build_encoder, parse_spec
-from indexer.core.errors import DatasetError
-from indexer.core.metrics import retrieval_metrics
+from retrieval.datasets import load_dataset
+from retrieval.encoders import Encoder, EncoderSpec, build_encoder, parse_spec
+from retrieval.errors import DatasetError
+from retrieval.metrics import retrieval_metrics
 from trainer import plots
 from trainer.features import FeatureCache, SplitFeatures, split_features
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from indexer.core.datasets import ImageLoadDataset, ImageRecord, collate_skipping
-from indexer.core.encoders import Encoder
-from indexer.core.errors import DatasetError
+from retrieval.atomic import atomic_path
+from retrieval.datasets import ImageRecord
+from retrieval.datasets.loader import ImageLoadDataset, collate_skipping
+from retrieval.encoders import Encoder
+from retrieval.errors import DatasetError
+from retrieval.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,11 @@ FEATURE_FORMAT = 1
 
 def default_cache_dir() -> Path:
     """``$RETRIEVAL_CACHE/features`` or ``~/.cache/retrieval/features``."""
-    return Path(os.environ.get("RETRIEVAL_CACHE", Path.home() / ".cache" / "retrieval")) / "features"
+    return cache_root() / "features"
 
 
 class RecordLike(Protocol):
-    """What the feature builder needs of a dataset record (``indexer.core.datasets.ImageRecord`` fits)."""
+    """What the feature builder needs of a dataset record (``retrieval.datasets.ImageRecord`` fits)."""
 
     id: str
     path: Any
@@ -140,13 +142,10 @@ class FeatureCache:
     def _save(self, identity: dict[str, Any], rows: dict[str, np.ndarray]) -> None:
         if not rows:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self._path(identity)
-        tmp = path.with_name(path.name + ".tmp.npz")
         keys = np.array(list(rows), dtype=str)
         feats = np.stack(list(rows.values())).astype(np.float32)
-        np.savez(tmp, keys=keys, feats=feats, identity=json.dumps(identity, sort_keys=True, default=str))
-        tmp.replace(path)
+        with atomic_path(self._path(identity)) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, keys=keys, feats=feats, identity=json.dumps(identity, sort_keys=True, default=str))
 
     # -- images --------------------------------------------------------------------------------------------------
     def image_features(

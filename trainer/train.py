@@ -1,6 +1,6 @@
 """Training projection heads on cached frozen-backbone features.
 
-- Model: a :class:`~indexer.core.heads.HeadPair` (``residual`` = identity at init for open_clip backbones, ``mlp`` /
+- Model: a :class:`~retrieval.heads.HeadPair` (``residual`` = identity at init for open_clip backbones, ``mlp`` /
   ``linear`` into a shared space for dual backbones) plus the loss (which owns the learnable temperature).
 - Inputs are standardised with train-split statistics while training (``standardize``); the affine map is folded
   into the heads' first layers when saving, so a checkpoint maps *raw* backbone features exactly as the encoder
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from indexer.core.heads import HeadConfig, HeadPair, ProjectionHead, save_heads
-from indexer.core.metrics import retrieval_metrics
+from retrieval.heads import HeadConfig, HeadPair, ProjectionHead, save_heads
+from retrieval.metrics import retrieval_metrics
 from trainer.config import TrainerSettings
 from trainer.features import SplitFeatures
 from trainer.losses import ContrastiveLoss

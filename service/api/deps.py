@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Path, Request, Security
 from fastapi.security import APIKeyHeader
 
 from service.errors import NotReady, Unauthorized
@@ -28,7 +28,6 @@ class ServiceState:
     text_runner: Runner | None = None
     image_runner: Runner | None = None
     ready: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def get_state(request: Request) -> ServiceState:
@@ -67,4 +66,7 @@ def require_search_key(request: Request, key: str | None = Security(api_key_head
         _check_key(state, key)
 
 
-Ready = Depends(get_ready_state)
+#: The ready service state, for route signatures: ``async def route(state: ReadyState)``.
+ReadyState = Annotated[ServiceState, Depends(get_ready_state)]
+#: An indexed id in a path (``/images/{item_id:path}``).
+ItemId = Annotated[str, Path(min_length=1, max_length=1024, description="an id from the index")]

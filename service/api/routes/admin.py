@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import ServiceState, get_ready_state, require_admin_key
+from service.api.deps import ReadyState, require_admin_key
 from service.schemas import ErrorResponse, ReloadRequest, ReloadResponse
 
 router = APIRouter(
@@ -22,11 +21,10 @@ router = APIRouter(
         422: {"description": "corrupt index or invalid body"},
     },
 )
-State = Annotated[ServiceState, Depends(get_ready_state)]
 
 
 @router.post("/reload", response_model=ReloadResponse, summary="Load a new index folder without dropping requests")
-async def reload_index(state: State, body: ReloadRequest | None = None) -> ReloadResponse:
+async def reload_index(state: ReadyState, body: ReloadRequest | None = None) -> ReloadResponse:
     searcher = state.searcher
     assert searcher is not None
     t0 = time.perf_counter()

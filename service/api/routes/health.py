@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.deps import ServiceState, get_ready_state, get_state, require_search_key
+from service.api.deps import ReadyState, ServiceState, get_state, require_search_key
 from service.schemas import CacheStats, HealthResponse, QueueStats, StatsResponse
 
 router = APIRouter(tags=["health"])
@@ -59,7 +57,7 @@ def _queue(state: ServiceState, name: str) -> QueueStats:
 
 @router.get("/api/stats", response_model=StatsResponse, tags=["search"], summary="Index and service statistics",
             dependencies=[Depends(require_search_key)])
-async def stats(state: Annotated[ServiceState, Depends(get_ready_state)]) -> StatsResponse:
+async def stats(state: ReadyState) -> StatsResponse:
     assert state.searcher is not None
     s = state.searcher.stats()
     cfg = state.settings

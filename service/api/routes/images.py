@@ -4,18 +4,15 @@ under the image root and checks containment, so ids like ``../../etc/passwd`` ar
 from __future__ import annotations
 
 import mimetypes
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import ServiceState, get_ready_state
+from service.api.deps import ItemId, ReadyState
 from service.schemas import ErrorResponse
 
 router = APIRouter(tags=["images"], responses={404: {"model": ErrorResponse, "description": "unknown id"}})
-State = Annotated[ServiceState, Depends(get_ready_state)]
-ItemId = Annotated[str, Path(min_length=1, max_length=1024, description="an id from the index")]
 CACHE = {"Cache-Control": "public, max-age=3600"}
 
 
@@ -25,7 +22,7 @@ CACHE = {"Cache-Control": "public, max-age=3600"}
     responses={200: {"content": {"image/*": {}}, "description": "the original image file"}},
     summary="The original image of an indexed id",
 )
-async def get_image(item_id: ItemId, state: State) -> FileResponse:
+async def get_image(item_id: ItemId, state: ReadyState) -> FileResponse:
     assert state.searcher is not None
     path = await run_in_threadpool(state.searcher.image_path, item_id)
     media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -38,7 +35,7 @@ async def get_image(item_id: ItemId, state: State) -> FileResponse:
     responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG thumbnail"}},
     summary="A thumbnail of an indexed id (cached)",
 )
-async def get_thumb(item_id: ItemId, state: State) -> Response:
+async def get_thumb(item_id: ItemId, state: ReadyState) -> Response:
     assert state.searcher is not None
     data = await run_in_threadpool(state.searcher.thumbnail, item_id)
     return Response(data, media_type="image/jpeg", headers=CACHE)

@@ -6,11 +6,11 @@ import asyncio
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from indexer.core.errors import BadImage, BadInput
-from service.api.deps import ServiceState, get_ready_state, require_search_key
+from retrieval.errors import BadImage, BadInput
+from service.api.deps import ItemId, ReadyState, ServiceState, require_search_key
 from service.api.routes._common import to_response
 from service.errors import PayloadTooLarge
 from service.schemas import (
@@ -31,7 +31,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 router = APIRouter(prefix="/api/search", tags=["search"], dependencies=[Depends(require_search_key)], responses=ERRORS)
-State = Annotated[ServiceState, Depends(get_ready_state)]
+
+
+OptionalTopK = Annotated[int | None, Query(ge=1, le=HARD_MAX_TOP_K, description="default: the service's default_top_k")]
+MinScoreQuery = Annotated[float | None, Query(ge=-1.0, le=1.0)]
+
+
+def _k(state: ServiceState, top_k: int | None) -> int:
+    """The requested number of results, or the service's ``default_top_k``."""
+    return top_k if top_k is not None else state.settings.default_top_k
 
 
 async def _search_text(state: ServiceState, text: str, k: int, min_score: float | None):
@@ -40,37 +48,38 @@ async def _search_text(state: ServiceState, text: str, k: int, min_score: float 
 
 
 @router.post("", response_model=SearchResponse, summary="Search images by text")
-async def search(body: SearchRequest, request: Request, state: State) -> SearchResponse:
+async def search(body: SearchRequest, request: Request, state: ReadyState) -> SearchResponse:
     t0 = time.perf_counter()
-    hits = await _search_text(state, body.query, body.top_k, body.min_score)
-    return to_response(request, hits, body.top_k, (time.perf_counter() - t0) * 1000, body.query)
+    k = _k(state, body.top_k)
+    hits = await _search_text(state, body.query, k, body.min_score)
+    return to_response(request, hits, k, (time.perf_counter() - t0) * 1000, body.query)
 
 
 @router.get("", response_model=SearchResponse, summary="Search images by text (query string; for the web page)")
 async def search_get(
     request: Request,
-    state: State,
+    state: ReadyState,
     q: Annotated[str, Query(min_length=1, max_length=HARD_MAX_QUERY_CHARS, description="free text")],
-    top_k: Annotated[int, Query(ge=1, le=HARD_MAX_TOP_K)] = 12,
-    min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
+    top_k: OptionalTopK = None,
+    min_score: MinScoreQuery = None,
 ) -> SearchResponse:
     t0 = time.perf_counter()
-    hits = await _search_text(state, q, top_k, min_score)
-    return to_response(request, hits, top_k, (time.perf_counter() - t0) * 1000, q)
+    k = _k(state, top_k)
+    hits = await _search_text(state, q, k, min_score)
+    return to_response(request, hits, k, (time.perf_counter() - t0) * 1000, q)
 
 
 @router.post("/batch", response_model=BatchSearchResponse, summary="Search images for several texts at once")
-async def search_batch(body: BatchSearchRequest, request: Request, state: State) -> BatchSearchResponse:
+async def search_batch(body: BatchSearchRequest, request: Request, state: ReadyState) -> BatchSearchResponse:
     if len(body.queries) > state.settings.max_batch_queries:
         raise BadInput(f"{len(body.queries)} queries; the limit is {state.settings.max_batch_queries}")
     t0 = time.perf_counter()
+    k = _k(state, body.top_k)
     # Submitted together, the queries land in the same encoder batch when the batcher is on.
-    all_hits = await asyncio.gather(*(_search_text(state, q, body.top_k, body.min_score) for q in body.queries))
+    all_hits = await asyncio.gather(*(_search_text(state, q, k, body.min_score) for q in body.queries))
     took = (time.perf_counter() - t0) * 1000
     return BatchSearchResponse(
-        results=[
-            to_response(request, hits, body.top_k, took, q) for q, hits in zip(body.queries, all_hits, strict=True)
-        ],
+        results=[to_response(request, hits, k, took, q) for q, hits in zip(body.queries, all_hits, strict=True)],
         took_ms=round(took, 3),
     )
 
@@ -78,10 +87,10 @@ async def search_batch(body: BatchSearchRequest, request: Request, state: State)
 @router.post("/image", response_model=SearchResponse, summary="Search images similar to an uploaded image")
 async def search_image(
     request: Request,
-    state: State,
+    state: ReadyState,
     file: Annotated[UploadFile, File(description="a JPEG, PNG, WebP, GIF, BMP or TIFF image")],
-    top_k: Annotated[int, Query(ge=1, le=HARD_MAX_TOP_K)] = 12,
-    min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
+    top_k: OptionalTopK = None,
+    min_score: MinScoreQuery = None,
 ) -> SearchResponse:
     limit = state.settings.max_upload_bytes
     data = await file.read(limit + 1)
@@ -91,19 +100,21 @@ async def search_image(
         raise BadImage("the upload is empty")
     t0 = time.perf_counter()
     assert state.image_runner is not None
-    hits = await state.image_runner.submit((data, top_k, min_score))
-    return to_response(request, hits, top_k, (time.perf_counter() - t0) * 1000)
+    k = _k(state, top_k)
+    hits = await state.image_runner.submit((data, k, min_score))
+    return to_response(request, hits, k, (time.perf_counter() - t0) * 1000)
 
 
 @router.get("/similar/{item_id:path}", response_model=SearchResponse, summary="Images similar to an indexed image")
 async def search_similar(
     request: Request,
-    state: State,
-    item_id: Annotated[str, Path(min_length=1, max_length=1024, description="an id from the index")],
-    top_k: Annotated[int, Query(ge=1, le=HARD_MAX_TOP_K)] = 12,
-    min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
+    state: ReadyState,
+    item_id: ItemId,
+    top_k: OptionalTopK = None,
+    min_score: MinScoreQuery = None,
 ) -> SearchResponse:
     assert state.searcher is not None
     t0 = time.perf_counter()
-    hits = await run_in_threadpool(state.searcher.similar, item_id, top_k, min_score)
-    return to_response(request, hits, top_k, (time.perf_counter() - t0) * 1000)
+    k = _k(state, top_k)
+    hits = await run_in_threadpool(state.searcher.similar, item_id, k, min_score)
+    return to_response(request, hits, k, (time.perf_counter() - t0) * 1000)

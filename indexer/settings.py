@@ -1,28 +1,12 @@
-"""Settings shared by the components: the encoder choice, and the indexer job's own knobs.
-
-Each component has one pydantic-settings class (``env_prefix``, nested ``__``), built when asked for, never at
-import time. CLI flags map onto the same fields.
-"""
+"""The indexing job's settings. Environment: ``INDEXER_BATCH_SIZE=64``, ``INDEXER_ENCODER__NAME=clip-vit-b-32`` ..."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from indexer.core.encoders import EncoderSpec, Precision, parse_spec
-from indexer.core.images import DEFAULT_MAX_PIXELS
-
-
-class EncoderSettings(BaseModel):
-    """Which encoder to build: a registry name or spec string, plus overrides."""
-
-    name: str = Field("default", description="registry name, open_clip:MODEL[:PRETRAINED] or dual:IMAGE[:TEXT]")
-    heads: str | None = Field(None, description="projection-head checkpoint from the trainer")
-    precision: Precision = "auto"
-    device: str = "auto"
-
-    def spec(self) -> EncoderSpec:
-        return parse_spec(self.name, heads=self.heads, precision=self.precision, device=self.device)
+from retrieval.images import DEFAULT_MAX_PIXELS
+from retrieval.settings import EncoderSettings
 
 
 class IndexerSettings(BaseSettings):

@@ -7,7 +7,6 @@ never searched with another.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +14,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from indexer.core.errors import EncoderUnavailable
+from retrieval.atomic import atomic_path
+from retrieval.checksums import file_sha256
+from retrieval.errors import EncoderUnavailable
 
 HEAD_FORMAT = 1
 HeadKind = Literal["linear", "mlp", "residual"]
@@ -80,31 +81,17 @@ class HeadPair(nn.Module):
         self.text = ProjectionHead(config.kind, config.text_in, config.out_dim, config.hidden, config.dropout)
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_heads(heads: HeadPair, path: str | Path, extra: dict[str, Any] | None = None) -> str:
     """Write a head checkpoint atomically; returns its SHA-256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(
-        {
-            "format": HEAD_FORMAT,
-            "config": heads.config.model_dump(),
-            "image": heads.image.state_dict(),
-            "text": heads.text.state_dict(),
-            "extra": extra or {},
-        },
-        tmp,
-    )
-    tmp.replace(path)
+    blob = {
+        "format": HEAD_FORMAT,
+        "config": heads.config.model_dump(),
+        "image": heads.image.state_dict(),
+        "text": heads.text.state_dict(),
+        "extra": extra or {},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
     return file_sha256(path)
 
 

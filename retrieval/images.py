@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from indexer.core.errors import BadImage
+from retrieval.errors import BadImage
 
 #: Extensions the folder reader picks up (lower case, with the dot).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})

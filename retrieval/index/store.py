@@ -1,0 +1,157 @@
+"""Reading an index folder: :class:`IndexStore` opens it (memory-mapped), checks it, and searches it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from retrieval.errors import BadInput, IndexCorrupt, UnknownId
+from retrieval.index.faiss_ops import faiss_gpu_count, is_reconstructible, read_faiss, search_params
+from retrieval.index.folder import read_meta
+from retrieval.index.manifest import META_FILE, VECTORS_FILE, Manifest, check_encoder, read_manifest
+
+
+class IndexStore:
+    """An opened index folder. Searching is thread-safe (no shared mutable state; per-call search parameters)."""
+
+    def __init__(self, path: Path, manifest: Manifest, index: Any, metadata: list[dict[str, Any]]):
+        self.path = path
+        self.manifest = manifest
+        self.index = index
+        self.metadata = metadata
+        self.ids: list[str] = [m["id"] for m in metadata]
+        self._row: dict[str, int] = {rid: i for i, rid in enumerate(self.ids)}
+        self._vectors: np.ndarray | None = None
+        self._search_index: Any = index  # a GPU copy for Flat indexes when asked for (see open)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._row
+
+    @property
+    def count(self) -> int:
+        return self.manifest.count
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @classmethod
+    def open(cls, path: str | Path, *, expected_encoder: dict[str, Any] | None = None, mmap: bool = True,
+             gpu: bool | None = False) -> IndexStore:
+        """Open the index folder at ``path``.
+
+        Raises :class:`IndexNotFound` (folder or a file missing), :class:`IndexCorrupt` (bad manifest, unknown
+        schema, unreadable files, or faiss ntotal / meta rows / manifest count / dim disagree) and
+        :class:`IndexEncoderMismatch` when ``expected_encoder`` differs from the manifest's encoder identity.
+        ``mmap``: map ``index.faiss`` read-only instead of loading it (works for Flat, HNSW and IVF-PQ).
+        ``gpu``: search a ``Flat`` index on every GPU faiss sees (faiss-gpu); ``None`` = when there is one,
+        ``True`` = required (:class:`BadInput` without one). Other index types and ``vector()`` stay on the CPU.
+        """
+        path = Path(path)
+        manifest = read_manifest(path)
+        if expected_encoder is not None:
+            check_encoder(manifest, expected_encoder)
+        index = read_faiss(path, mmap=mmap)
+        metadata = read_meta(path)
+        if index.d != manifest.dim:
+            raise IndexCorrupt(f"{path}: index dim {index.d} != manifest dim {manifest.dim}")
+        if not (index.ntotal == len(metadata) == manifest.count):
+            raise IndexCorrupt(f"{path}: row counts disagree: faiss {index.ntotal}, {META_FILE} {len(metadata)}, "
+                               f"manifest {manifest.count}")
+        if not is_reconstructible(manifest.index_key) and not (path / VECTORS_FILE).is_file():
+            raise IndexCorrupt(f"{path}: {VECTORS_FILE} is missing (needed for {manifest.index_key})")
+        store = cls(path, manifest, index, metadata)
+        if len(store._row) != len(metadata):
+            raise IndexCorrupt(f"{path}: {META_FILE} has duplicate ids")
+        n_gpus = faiss_gpu_count()
+        if gpu and n_gpus == 0:
+            raise BadInput("gpu=True but faiss sees no GPU (install the gpu extra, faiss-gpu, on a CUDA machine)")
+        if (gpu or gpu is None) and n_gpus > 0 and manifest.index_key == "Flat":
+            store._search_index = faiss.index_cpu_to_all_gpus(index)
+        return store
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether searches run on GPU(s)."""
+        return self._search_index is not self.index
+
+    def search(
+        self, queries: np.ndarray, k: int, *, nprobe: int | None = None, ef_search: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` rows for each query.
+
+        ``queries``: ``(q, d)`` (or ``(d,)``, treated as one query) floats, cast to float32. Returns
+        ``scores`` ``(q, k')`` float32 (inner products, descending) and ``rows`` ``(q, k')`` int64 with
+        ``k' = min(k, count)``; columns with no result for any query are dropped. Approximate indexes
+        (IVF with a small ``nprobe``) can still leave ``-1`` rows (score ``-inf``) in some queries: skip
+        ``row < 0``. ``nprobe`` (IVF) and ``ef_search`` (HNSW) default to the manifest's ``build`` values.
+        """
+        q = np.asarray(queries)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise BadInput(f"queries must have shape (q, {self.dim}), got {np.shape(queries)}")
+        if not np.issubdtype(q.dtype, np.floating):
+            raise BadInput(f"queries must be floating point, got {q.dtype}")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if not np.isfinite(q).all():
+            raise BadInput("queries contain NaN or infinite values")
+        if not isinstance(k, int | np.integer) or k < 1:
+            raise BadInput(f"k must be a positive integer, got {k!r}")
+        kk = min(int(k), self.count)
+        if kk == 0 or len(q) == 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        build = self.manifest.build
+        params = search_params(
+            self.index, kk,
+            nprobe if nprobe is not None else build.get("nprobe"),
+            ef_search if ef_search is not None else build.get("efSearch"),
+        )
+        if params is not None:
+            scores, rows = self.index.search(q, kk, params=params)
+        else:
+            scores, rows = self._search_index.search(q, kk)
+        valid_cols = np.flatnonzero((rows >= 0).any(axis=0))
+        ncols = int(valid_cols[-1]) + 1 if valid_cols.size else 0
+        scores = np.ascontiguousarray(scores[:, :ncols], dtype=np.float32)
+        rows = np.ascontiguousarray(rows[:, :ncols], dtype=np.int64)
+        scores[rows < 0] = -np.inf
+        return scores, rows
+
+    def row_of(self, id: str) -> int:
+        """Row of ``id``; :class:`UnknownId` if absent."""
+        try:
+            return self._row[id]
+        except KeyError:
+            raise UnknownId(f"no item with id {id!r} in the index") from None
+
+    def vector(self, id: str) -> np.ndarray:
+        """The stored vector of ``id``, ``(d,)`` float32 (exact for Flat/HNSW, float16-rounded for IVF-PQ)."""
+        row = self.row_of(id)
+        vec_file = self.path / VECTORS_FILE
+        if vec_file.exists():
+            if self._vectors is None:
+                self._vectors = np.load(vec_file, mmap_mode="r")
+            return np.asarray(self._vectors[row], dtype=np.float32)
+        return np.asarray(self.index.reconstruct(row), dtype=np.float32)
+
+    def get(self, row: int) -> dict[str, Any]:
+        """Metadata of ``row``; :class:`UnknownId` when out of range."""
+        if not isinstance(row, int | np.integer) or not 0 <= row < self.count:
+            raise UnknownId(f"no row {row!r} in the index ({self.count} rows)")
+        return self.metadata[int(row)]
+
+    def stats(self) -> dict[str, Any]:
+        """count, dim, index_key, encoder_label, created_at, size_bytes (all files of the folder)."""
+        size = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        return {
+            "count": self.count,
+            "dim": self.dim,
+            "index_key": self.manifest.index_key,
+            "encoder_label": self.manifest.encoder_label,
+            "created_at": self.manifest.created_at,
+            "size_bytes": size,
+        }
