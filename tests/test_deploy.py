@@ -271,13 +271,17 @@ def test_docker_context_holds_what_the_dockerfiles_copy() -> None:
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert "*" in ignore, ".dockerignore is an allow-list"
+    packages = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
     for dockerfile in (DOCKERFILE, DOCKERFILE_GPU):
+        copied = set()
         for st in stages(dockerfile):
             for ins in st:
                 if ins.startswith("COPY ") and "--from=" not in ins:
                     src = ins.split()[1]
+                    copied.add(src)
                     assert src in allowed, f"{dockerfile.name}: {src} is excluded by .dockerignore"
                     assert (ROOT / src).exists() or src == "README.md", f"{dockerfile.name}: {src} missing"
+        assert packages <= copied, f"{dockerfile.name} does not copy the packages {sorted(packages - copied)}"
 
 
 def test_image_commands_exist() -> None:
