@@ -72,11 +72,13 @@ class ProjectionHead(nn.Module):
 
 
 class HeadPair(nn.Module):
-    """The image and text heads of one checkpoint."""
+    """The image and text heads of one checkpoint; ``extra`` holds what the checkpoint carries beside the weights
+    (training report, ``"calibration"``: a :meth:`retrieval.calibration.Calibration.to_dict`)."""
 
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config
+        self.extra: dict[str, Any] = {}
         self.image = ProjectionHead(config.kind, config.image_in, config.out_dim, config.hidden, config.dropout)
         self.text = ProjectionHead(config.kind, config.text_in, config.out_dim, config.hidden, config.dropout)
 
@@ -107,6 +109,7 @@ def load_heads(path: str | Path) -> tuple[HeadPair, str]:
         heads = HeadPair(HeadConfig(**blob["config"]))
         heads.image.load_state_dict(blob["image"])
         heads.text.load_state_dict(blob["text"])
+        heads.extra = dict(blob.get("extra") or {})
     except EncoderUnavailable:
         raise
     except Exception as exc:  # torch raises many kinds on a damaged file

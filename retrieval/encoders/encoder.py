@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from retrieval.calibration import Calibration
 from retrieval.encoders.backbones import ImageBackbone, TextBackbone
 from retrieval.encoders.spec import EncoderSpec
 from retrieval.errors import BadInput
@@ -33,8 +34,11 @@ class Encoder:
         dim: int,
         device: torch.device,
         dtype: torch.dtype,
+        calibration: Calibration | None = None,
     ):
         self.spec = spec
+        #: score -> probability of relevance, shipped with the heads (None: the encoder has no calibration)
+        self.calibration = calibration
         self.image_backbone = image.to(device=device, dtype=dtype).eval()
         self.text_backbone = text.to(device=device, dtype=dtype).eval()
         # Heads are small: keep them in float32 for exactness.

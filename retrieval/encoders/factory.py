@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+from retrieval.calibration import Calibration
 from retrieval.encoders.backbones import ImageBackbone, TextBackbone
 from retrieval.encoders.device import resolve_device, resolve_dtype
 from retrieval.encoders.effnet import build_effnet
@@ -55,4 +56,6 @@ def build_encoder(spec: EncoderSpec | str) -> Encoder:
             f"head checkpoint {spec.heads} expects features of {cfg.image_in}/{cfg.text_in} dims, "
             f"the backbones give {image.out_dim}/{text.out_dim}: it was trained for another encoder"
         )
-    return Encoder(spec, image, text, heads.image, heads.text, cfg.out_dim, device, dtype)
+    calibration = heads.extra.get("calibration")
+    return Encoder(spec, image, text, heads.image, heads.text, cfg.out_dim, device, dtype,
+                   Calibration.from_dict(calibration) if calibration else None)
