@@ -13,6 +13,7 @@ numpy only; scores are float cosines, probabilities float64 in [0, 1].
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -54,7 +55,7 @@ class Calibration:
             elif kind == "isotonic":
                 x = [float(v) for v in params["x"]]
                 y = [float(v) for v in params["y"]]
-                if not x or len(x) != len(y) or any(b < a for a, b in zip(x, x[1:], strict=False)):
+                if not x or len(x) != len(y) or any(b < a for a, b in itertools.pairwise(x)):
                     raise ValueError("x must be non-empty, increasing and as long as y")
                 params = {"x": x, "y": y}
             else:

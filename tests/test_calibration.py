@@ -19,7 +19,7 @@ def _synthetic(n: int = 20000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, n
 
 @pytest.mark.parametrize("fit", [fit_platt, fit_isotonic])
 def test_fit_recovers_a_known_logistic_curve(fit):
-    s, y, true_p = _synthetic()
+    s, y, _true_p = _synthetic()
     cal = fit(s, y)
     grid = np.linspace(-0.1, 0.7, 50)
     p = cal(grid)
