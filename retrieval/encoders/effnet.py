@@ -38,8 +38,10 @@ class EffnetTransform:
         w, h = img.size
         left, top = (w - self.size) // 2, (h - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))
-        arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
-        return (arr - 127.0) / 128.0
+        # numpy, then one contiguous copy: torch elementwise ops on the permuted view cost ~20x more (measured
+        # 0.5 vs 12 ms per image with 2 intra-op threads on a busy 2-core machine); the values are identical.
+        arr = (np.asarray(img, dtype=np.float32) - 127.0) / 128.0
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 class EffnetImage(ImageBackbone):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,8 +13,12 @@ from PIL import Image
 
 from retrieval.calibration import Calibration
 from retrieval.encoders.backbones import ImageBackbone, TextBackbone
+from retrieval.encoders.device import ConcretePrecision, TowerPlan
 from retrieval.encoders.spec import EncoderSpec
 from retrieval.errors import BadInput
+
+if TYPE_CHECKING:
+    from retrieval.encoders.onnx_engine import OnnxTower
 
 
 class Encoder:
@@ -33,7 +37,7 @@ class Encoder:
         text_head: torch.nn.Module | None,
         dim: int,
         device: torch.device,
-        dtype: torch.dtype,
+        dtype: torch.dtype = torch.float32,
         calibration: Calibration | None = None,
     ):
         self.spec = spec
@@ -46,8 +50,34 @@ class Encoder:
         self.text_head = text_head.to(device).float().eval() if text_head is not None else None
         self.dim = dim
         self.device = device
-        self.dtype = dtype
+        #: torch dtype of each backbone (what ``image_features``/``text_features`` compute in)
+        self.image_dtype = dtype
+        self.text_dtype = dtype
+        #: ONNX Runtime runners of ``head(backbone(x))`` per tower (None: that tower runs in torch); set by
+        #: :func:`retrieval.encoders.runtime.setup_runtime`
+        self.image_runner: OnnxTower | None = None
+        self.text_runner: OnnxTower | None = None
+        #: how each tower runs, and why (see :meth:`runtime_info`)
+        self.plans: dict[str, TowerPlan] = {"image": TowerPlan("torch", _precision_of(dtype)),
+                                            "text": TowerPlan("torch", _precision_of(dtype))}
+        self.reasons: dict[str, str] = {"image": "built directly", "text": "built directly"}
         self._lock = threading.Lock()  # torch modules are not safe to call from several threads at once
+        self._tokenize_lock = threading.Lock()
+        self._input_size: tuple[int, int] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The image backbone's torch dtype (the trainer's feature cache records it)."""
+        return self.image_dtype
+
+    def runtime_info(self) -> dict[str, Any]:
+        """``{"image": {"engine", "precision", "reason"}, "text": {...}}``: what the index manifest records."""
+        return {kind: {"engine": plan.engine, "precision": plan.precision, "reason": self.reasons.get(kind, "")}
+                for kind, plan in self.plans.items()}
+
+    def runtime_label(self) -> str:
+        """``image onnx fp32, text onnx fp32`` (for logs)."""
+        return ", ".join(f"{kind} {plan.label()}" for kind, plan in self.plans.items())
 
     # -- identity ------------------------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -59,12 +89,27 @@ class Encoder:
         """PIL image -> pixel tensor; picklable, for DataLoader workers."""
         return self.image_backbone.transform
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the pixels ``image_transform`` produces (found once by transforming a blank
+        image)."""
+        if self._input_size is None:
+            pixels = self.image_transform(Image.new("RGB", (64, 48)))
+            self._input_size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+        return self._input_size
+
+    def decode_draft(self) -> tuple[int, int]:
+        """``(width, height)`` to give :func:`~retrieval.images.load_image` as ``draft``: twice the input size, so
+        the JPEG decoder's downscaling never costs detail the resize would keep."""
+        h, w = self.input_size
+        return (2 * w, 2 * h)
+
     # -- raw features --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(n, 3, H, W)`` pixels -> ``(n, d_img_raw)`` float32 backbone features (no head, not normalised)."""
         with self._lock:
-            return self.image_backbone(pixels.to(self.device, self.dtype)).float()
+            return self.image_backbone(pixels.to(self.device, self.image_dtype)).float()
 
     @torch.inference_mode()
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
@@ -87,10 +132,14 @@ class Encoder:
         return F.normalize(out.float(), dim=-1).cpu().numpy().astype(np.float32, copy=False)
 
     # -- end to end ----------------------------------------------------------------------------------------------
-    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
-        """``(n, 3, H, W)`` preprocessed pixels -> ``(n, dim)`` float32, L2-normalised."""
+    def encode_pixels(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
+        """``(n, 3, H, W)`` preprocessed float32 pixels -> ``(n, dim)`` float32, L2-normalised."""
         if pixels.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
+        if self.image_runner is not None:
+            return l2_normalize(self.image_runner(pixels))
+        if isinstance(pixels, np.ndarray):
+            pixels = torch.from_numpy(pixels)
         return self.project_image(self.image_features(pixels))
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -103,7 +152,22 @@ class Encoder:
         """Strings -> ``(n, dim)`` float32, L2-normalised."""
         if len(texts) == 0:
             return np.zeros((0, self.dim), np.float32)
+        if self.text_runner is not None:
+            check_texts(texts)
+            with self._tokenize_lock:  # Hugging Face fast tokenizers raise "Already borrowed" when shared by threads
+                tokens = self.text_backbone.tokenize(texts)
+            return l2_normalize(self.text_runner(tokens))
         return self.project_text(self.text_features(texts))
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of ``(n, d)`` scaled to unit length (float32; an all-zero row stays zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _precision_of(dtype: torch.dtype) -> ConcretePrecision:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")  # type: ignore[return-value]
 
 
 def check_texts(texts: Sequence[str]) -> None:

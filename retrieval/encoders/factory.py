@@ -12,27 +12,36 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
 from retrieval.calibration import Calibration
 from retrieval.encoders.backbones import ImageBackbone, TextBackbone
-from retrieval.encoders.device import resolve_device, resolve_dtype
+from retrieval.encoders.device import resolve_device
 from retrieval.encoders.effnet import build_effnet
 from retrieval.encoders.encoder import Encoder
 from retrieval.encoders.label_bridge import LabelBridgeHead, class_embeddings
 from retrieval.encoders.open_clip_backbone import build_open_clip, register_open_clip_config
+from retrieval.encoders.runtime import setup_runtime
 from retrieval.encoders.sentence import build_sentence
 from retrieval.encoders.spec import DEFAULT_TEXT_MODEL, EncoderSpec, parse_spec, weights_id
 from retrieval.errors import EncoderUnavailable
 from retrieval.heads import HeadPair, load_heads
 
-__all__ = ["build_encoder", "register_open_clip_config"]
+__all__ = ["build_encoder", "build_torch_encoder", "register_open_clip_config"]
 
 
 def build_encoder(spec: EncoderSpec | str) -> Encoder:
-    """Build the encoder a spec (or a spec string, see :func:`~retrieval.encoders.spec.parse_spec`) describes."""
+    """Build the encoder a spec (or a spec string, see :func:`~retrieval.encoders.spec.parse_spec`) describes, with
+    each tower on the engine and precision :func:`~retrieval.encoders.runtime.setup_runtime` chooses."""
     if isinstance(spec, str):
         spec = parse_spec(spec)
+    return setup_runtime(build_torch_encoder(spec))
+
+
+def build_torch_encoder(spec: EncoderSpec) -> Encoder:
+    """The encoder's torch modules, float32 on the spec's device, before any engine or precision is applied."""
     device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.precision, device)
+    dtype = torch.float32
     heads: HeadPair | None = load_heads(spec.heads)[0] if spec.heads else None
 
     image: ImageBackbone
