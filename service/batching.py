@@ -1,10 +1,13 @@
-"""Request micro-batching, independent of HTTP.
+"""Request micro-batching and the request pipeline, independent of HTTP.
 
 :class:`MicroBatcher` puts each submitted item with an asyncio future on a bounded queue; one worker task takes up
 to ``max_batch`` items (waiting at most ``max_wait_ms`` for the batch to fill), runs the batch function in a thread
 so the event loop never blocks, and resolves the futures. A full queue raises :class:`Overloaded` at once (HTTP 429).
 :class:`DirectRunner` has the same interface with no batching (one thread call per item, bounded in-flight), for
 comparison and for deployments that want it.
+
+:class:`Pipeline` chains them: prepare (a bounded decode pool, or inline checks) -> encode (a batcher on the encoder
+thread) -> search (a batcher on the search threads), so decoding and searching never wait behind the encoder.
 
 The batch function maps ``list[T]`` to a list of the same length whose entries are results or exception instances
 (a bad item fails alone, not its whole batch).
@@ -51,7 +54,8 @@ class BatchObserver(Protocol):
 class Runner(Protocol):
     """What the routes use: ``await runner.submit(item)``."""
 
-    stats: BatcherStats
+    @property
+    def stats(self) -> BatcherStats: ...
 
     async def submit(self, item: Any) -> Any: ...
     def depth(self) -> int: ...
@@ -246,3 +250,93 @@ class DirectRunner(Generic[T, R]):
         if isinstance(res, BaseException):
             raise res
         return res
+
+
+class Prepared(Protocol):
+    """What a pipeline's ``prepare`` returns: ``vector`` is set when the embedding is already known (a cached query),
+    which skips the encoder."""
+
+    vector: Any
+
+
+P = TypeVar("P", bound=Prepared)
+
+
+class Pipeline(Generic[T, P, R]):
+    """A request's way through the service, each stage on its own threads so none waits behind another:
+
+    1. ``prepare(item) -> P`` (validation, decoding an upload): in ``prepare_executor`` with at most
+       ``prepare_limit`` items in flight (then :class:`Overloaded`), or inline on the event loop when the executor
+       is None (cheap checks). Its exceptions (bad input) reach the caller.
+    2. ``encode``: a runner (micro-batcher on the encoder thread) mapping ``P`` to a vector; skipped when ``prepare``
+       already found the vector.
+    3. ``search``: a runner (on the search threads) mapping ``(P, vector)`` to the result.
+
+    Same interface as the runners (``submit``, ``depth``, ``stats``, ``start``, ``stop``); ``stats`` counts requests
+    and rejections of every stage, and the encoder batches.
+    """
+
+    def __init__(
+        self,
+        prepare: Callable[[T], P],
+        encode: Runner,
+        search: Runner,
+        *,
+        prepare_executor: Executor | None = None,
+        prepare_limit: int = 64,
+        name: str = "pipeline",
+    ):
+        if prepare_limit < 1:
+            raise ValueError("prepare_limit must be >= 1")
+        self.prepare = prepare
+        self.encode = encode
+        self.search = search
+        self.prepare_executor = prepare_executor
+        self.prepare_limit = prepare_limit
+        self.name = name
+        self._submitted = 0
+        self._rejected = 0
+        self._preparing = 0
+        self._in_flight = 0
+
+    @property
+    def stats(self) -> BatcherStats:
+        enc = self.encode.stats
+        return BatcherStats(submitted=self._submitted,
+                            rejected=self._rejected + enc.rejected + self.search.stats.rejected,
+                            batches=enc.batches, items=enc.items, max_seen_batch=enc.max_seen_batch)
+
+    async def start(self) -> None:
+        await self.encode.start()
+        await self.search.start()
+
+    async def stop(self) -> None:
+        await self.encode.stop()
+        await self.search.stop()
+
+    def depth(self) -> int:
+        return self._in_flight
+
+    async def submit(self, item: T) -> R:
+        if self.prepare_executor is not None and self._preparing >= self.prepare_limit:
+            self._rejected += 1
+            raise Overloaded(f"{self.name}: {self._preparing} requests being prepared; retry later")
+        self._submitted += 1
+        self._in_flight += 1
+        try:
+            if self.prepare_executor is None:
+                prepared = self.prepare(item)
+            else:
+                self._preparing += 1
+                try:
+                    prepared = await asyncio.get_running_loop().run_in_executor(self.prepare_executor, self.prepare,
+                                                                                item)
+                finally:
+                    self._preparing -= 1
+            vector = prepared.vector
+            if vector is None:
+                vector = await self.encode.submit(prepared)
+            result: R = await self.search.submit((prepared, vector))
+            return result
+        finally:
+            self._in_flight -= 1

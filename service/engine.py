@@ -194,25 +194,33 @@ class Searcher:
             raise BadInput(f"top_k is {k}; the limit is {self.max_top_k}")
         return k
 
+    def cached_text_vector(self, text: str) -> np.ndarray | None:
+        """The cached embedding of a normalised query (read-only ``(dim,)`` float32), or None."""
+        vec: np.ndarray | None = self.query_cache.get((self._identity_key, text))
+        return vec
+
+    def encode_and_cache(self, texts: Sequence[str]) -> np.ndarray:
+        """Encode normalised queries in one encoder call (duplicates once) and cache them: ``(n, dim)`` float32."""
+        uniq = list(dict.fromkeys(texts))
+        vecs = self.encoder.encode_text(uniq) if uniq else np.zeros((0, self.encoder.dim), np.float32)
+        by_text: dict[str, np.ndarray] = {}
+        for t, v in zip(uniq, vecs, strict=True):
+            v = np.array(v, dtype=np.float32)
+            v.setflags(write=False)
+            self.query_cache.put((self._identity_key, t), v)
+            by_text[t] = v
+        if not texts:
+            return np.zeros((0, self.encoder.dim), np.float32)
+        return np.stack([by_text[t] for t in texts])
+
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised queries -> ``(n, dim)`` float32. Served from the LRU cache where possible; misses are
         encoded in one call."""
-        out: list[np.ndarray | None] = []
-        missing: dict[str, list[int]] = {}
-        for i, t in enumerate(texts):
-            vec = self.query_cache.get((self._identity_key, t))
-            out.append(vec)
-            if vec is None:
-                missing.setdefault(t, []).append(i)
+        out = [self.cached_text_vector(t) for t in texts]
+        missing = [t for t, v in zip(texts, out, strict=True) if v is None]
         if missing:
-            uniq = list(missing)
-            vecs = self.encoder.encode_text(uniq)
-            for t, v in zip(uniq, vecs, strict=True):
-                v = np.array(v, dtype=np.float32)
-                v.setflags(write=False)
-                self.query_cache.put((self._identity_key, t), v)
-                for i in missing[t]:
-                    out[i] = v
+            fresh = dict(zip(missing, self.encode_and_cache(missing), strict=True))
+            out = [v if v is not None else fresh[t] for t, v in zip(texts, out, strict=True)]
         if not out:
             return np.zeros((0, self.encoder.dim), np.float32)
         return np.stack(out).astype(np.float32, copy=False)  # type: ignore[arg-type]
@@ -287,21 +295,27 @@ class Searcher:
         """The image batcher's function: ``(encoded image bytes, k, min_score)`` items. Undecodable images
         (not an image, truncated, decompression bombs) yield :class:`BadImage` in their slot."""
         results: list[list[Hit] | BaseException] = [[] for _ in items]
-        images: list[Image.Image] = []
+        pixels: list[Any] = []
         good: list[int] = []
         for i, (data, k, _) in enumerate(items):
             try:
                 self.check_k(k)
-                images.append(load_image(data, max_pixels=self.max_image_pixels))
+                pixels.append(self.decode_upload(data))
                 good.append(i)
             except BadInput as exc:
                 results[i] = exc
         if good:
-            vecs = self.encoder.encode_images(images)
+            vecs = self.encoder.encode_pixels(np.stack(pixels))
             hits = self.search_vectors(vecs, [items[i][1] for i in good], [items[i][2] for i in good])
             for i, h in zip(good, hits, strict=True):
                 results[i] = h
         return results
+
+    def decode_upload(self, data: bytes) -> np.ndarray:
+        """Encoded image bytes -> the encoder's input pixels ``(3, H, W)`` float32. Raises :class:`BadImage`
+        (not an image, truncated, a decompression bomb). CPU-bound: the service runs it in its decode pool."""
+        image = load_image(data, max_pixels=self.max_image_pixels, draft=self.encoder.decode_draft())
+        return np.asarray(self.encoder.image_transform(image), dtype=np.float32)
 
     def similar(self, item_id: str, k: int, min_score: float | None = None) -> list[Hit]:
         """Nearest neighbours of an indexed item (the item itself left out). Raises UnknownId."""

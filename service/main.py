@@ -8,7 +8,7 @@ import argparse
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,22 +33,11 @@ log = logging.getLogger("service")
 MULTIPART_OVERHEAD = 64 * 1024
 
 
-def _make_runner(settings: ServiceSettings, fn: Any, name: str, metrics: Metrics, executor: Executor) -> Any:
-    from service.batching import DirectRunner, MicroBatcher
-
-    observer = metrics.batch_observer(name)
-    if settings.batching:
-        return MicroBatcher(fn, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                            queue_size=settings.queue_size, name=f"{name}-batcher", observer=observer,
-                            executor=executor)
-    return DirectRunner(fn, queue_size=settings.queue_size, name=f"{name}-direct", observer=observer,
-                        executor=executor)
-
-
 def _lifespan(encoder: Encoder | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from service.engine import Searcher
+        from service.stages import make_pipelines
 
         state: ServiceState = app.state.service
         cfg = state.settings
@@ -85,11 +74,15 @@ def _lifespan(encoder: Encoder | None):
         if cfg.warmup:
             await asyncio.to_thread(searcher.warmup)
         state.searcher = searcher
-        # One thread runs every encoder call (text and image): the encoder serialises calls anyway, and torch keeps
-        # one OpenMP thread team per calling thread.
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
-        state.text_runner = _make_runner(cfg, searcher.search_text_batch, "text", state.metrics, executor)
-        state.image_runner = _make_runner(cfg, searcher.search_image_batch, "image", state.metrics, executor)
+        # One thread runs every encoder call (text and image): one batch at a time uses every core (ONNX Runtime or
+        # torch intra-op threads), and torch keeps one OpenMP thread team per calling thread. Uploads are decoded in
+        # their own bounded pool and index searches run on their own threads, so neither waits behind the encoder.
+        executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder"),
+                     ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode"),
+                     ThreadPoolExecutor(max_workers=cfg.search_threads, thread_name_prefix="search")]
+        state.text_runner, state.image_runner = make_pipelines(
+            searcher, cfg, encoder_executor=executors[0], decode_executor=executors[1],
+            search_executor=executors[2], observer=state.metrics.batch_observer)
         await state.text_runner.start()
         await state.image_runner.start()
         state.metrics.index_vectors.set(len(searcher.store.ids))
@@ -97,14 +90,15 @@ def _lifespan(encoder: Encoder | None):
         state.ready = True
         log.info("service ready", extra={"index_dir": str(cfg.index_dir), "count": len(searcher.store.ids),
                                          "encoder": searcher.store.manifest.encoder_label,
-                                         "batching": cfg.batching})
+                                         "runtime": enc.runtime_label(), "batching": cfg.batching})
         try:
             yield
         finally:
             state.ready = False  # readiness fails first, then queued work drains
             await state.text_runner.stop()
             await state.image_runner.stop()
-            executor.shutdown(wait=True)
+            for executor in executors:
+                executor.shutdown(wait=True)
             log.info("service stopped")
 
     return lifespan

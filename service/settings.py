@@ -46,6 +46,10 @@ class ServiceSettings(BaseSettings):
     max_wait_ms: float = Field(default=2.0, ge=0, le=1000, description="how long the batcher waits to fill a batch")
     queue_size: int = Field(default=256, ge=1, description="queued requests before 429")
 
+    decode_threads: int = Field(default=2, ge=1, le=64, description="threads decoding uploaded images")
+    decode_queue: int = Field(default=32, ge=1, description="uploads being decoded or waiting to be, before 429")
+    search_threads: int = Field(default=1, ge=1, le=64, description="threads running index searches")
+
     cache_size: int = Field(default=4096, ge=0, description="LRU query-embedding cache entries (0: off)")
     thumb_cache_size: int = Field(default=1024, ge=0, description="thumbnails kept in memory")
     thumb_size: int = Field(default=256, ge=16, le=1024, description="longest side of a thumbnail, pixels")
