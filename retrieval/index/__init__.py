@@ -24,7 +24,7 @@ are reused, not retrained); additions are appended with ``index.add``.
 Vectors are inner-product (``metric "ip"``) over L2-normalised float32 embeddings, so scores are cosines.
 """
 
-from retrieval.index.choose import choose_index_key
+from retrieval.index.choose import choose_index_key, default_memory_budget, machine_memory_bytes
 from retrieval.index.faiss_ops import configure_faiss, faiss_gpu_count
 from retrieval.index.manifest import Manifest, check_encoder, read_manifest
 from retrieval.index.store import IndexStore
@@ -36,6 +36,8 @@ __all__ = [
     "add_to_index",
     "check_encoder",
     "choose_index_key",
+    "default_memory_budget",
+    "machine_memory_bytes",
     "configure_faiss",
     "faiss_gpu_count",
     "read_manifest",
