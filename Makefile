@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint bench bench-index bench-train bench-service bench-ray serve clean
+.PHONY: setup demo test lint bench bench-cpu bench-scale bench-index bench-train bench-service bench-ray serve clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -35,7 +35,15 @@ lint: setup
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
-bench: bench-index bench-train bench-service bench-ray
+bench: bench-cpu bench-index bench-train bench-service bench-scale bench-ray
+
+## torch fp32 / bf16 vs ONNX Runtime fp32 / int8 vs the default settings, with the CPU's flags in the header.
+bench-cpu: setup
+	$(PY) benchmarks/bench_cpu.py --data $(DATA)
+
+## The index chooser's picks and Flat at 100k / 1M / 10M vectors drawn like real embeddings.
+bench-scale: setup
+	$(PY) benchmarks/bench_scale.py --data $(DATA)
 
 bench-index: setup
 	$(PY) benchmarks/bench_index.py --data $(DATA)
