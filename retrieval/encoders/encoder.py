@@ -43,6 +43,12 @@ class Encoder:
         self.spec = spec
         #: score -> probability of relevance, shipped with the heads (None: the encoder has no calibration)
         self.calibration = calibration
+        # set by from_runtime: the transform and tokenizer of an encoder loaded without its torch modules, and how
+        # to build those modules when something first needs them
+        self._transform: Callable[[Image.Image], torch.Tensor] | None = None
+        self._tokenizer: Callable[[Sequence[str]], Any] | None = None
+        self._build_modules: Callable[[], Encoder] | None = None
+        self._modules_lock = threading.Lock()
         self.image_backbone = image.to(device=device, dtype=dtype).eval()
         self.text_backbone = text.to(device=device, dtype=dtype).eval()
         # Heads are small: keep them in float32 for exactness.
@@ -64,6 +70,93 @@ class Encoder:
         self._lock = threading.Lock()  # torch modules are not safe to call from several threads at once
         self._tokenize_lock = threading.Lock()
         self._input_size: tuple[int, int] | None = None
+
+    @classmethod
+    def from_runtime(
+        cls,
+        spec: EncoderSpec,
+        dim: int,
+        device: torch.device,
+        calibration: Calibration | None,
+        transform: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[Sequence[str]], Any],
+        image_runner: OnnxTower,
+        text_runner: OnnxTower,
+        plans: dict[str, TowerPlan],
+        reasons: dict[str, str],
+        build_modules: Callable[[], Encoder],
+    ) -> Encoder:
+        """An encoder whose towers are ONNX Runtime runners, loaded without its torch modules (see
+        :mod:`retrieval.encoders.bundle`); ``build_modules()`` returns a torch-built encoder of the same spec when
+        a torch module is first needed (``image_features``, ``text_features``, the heads...)."""
+        enc = cls.__new__(cls)
+        enc.spec, enc.calibration, enc.dim, enc.device = spec, calibration, dim, device
+        enc._transform, enc._tokenizer, enc._build_modules = transform, tokenizer, build_modules
+        enc._modules_lock = threading.Lock()
+        enc._image_backbone, enc._text_backbone = None, None  # type: ignore[assignment]
+        enc._image_head, enc._text_head = None, None
+        enc.image_dtype = enc.text_dtype = torch.float32
+        enc.image_runner, enc.text_runner = image_runner, text_runner
+        enc.plans, enc.reasons = dict(plans), dict(reasons)
+        enc._lock, enc._tokenize_lock = threading.Lock(), threading.Lock()
+        enc._input_size = None
+        return enc
+
+    # -- torch modules (built on first use for an encoder loaded from its ONNX export) --------------------------
+    def _modules(self) -> None:
+        with self._modules_lock:
+            if self._build_modules is None:
+                return
+            full = self._build_modules()
+            self._image_backbone, self._text_backbone = full.image_backbone, full.text_backbone
+            self._image_head, self._text_head = full.image_head, full.text_head
+            self._build_modules = None
+
+    @property
+    def image_backbone(self) -> ImageBackbone:
+        if self._build_modules is not None:
+            self._modules()
+        return self._image_backbone  # type: ignore[return-value]
+
+    @image_backbone.setter
+    def image_backbone(self, module: ImageBackbone) -> None:
+        self._image_backbone = module
+
+    @property
+    def text_backbone(self) -> TextBackbone:
+        if self._build_modules is not None:
+            self._modules()
+        return self._text_backbone  # type: ignore[return-value]
+
+    @text_backbone.setter
+    def text_backbone(self, module: TextBackbone) -> None:
+        self._text_backbone = module
+
+    @property
+    def image_head(self) -> torch.nn.Module | None:
+        if self._build_modules is not None:
+            self._modules()
+        return self._image_head
+
+    @image_head.setter
+    def image_head(self, module: torch.nn.Module | None) -> None:
+        self._image_head = module
+
+    @property
+    def text_head(self) -> torch.nn.Module | None:
+        if self._build_modules is not None:
+            self._modules()
+        return self._text_head
+
+    @text_head.setter
+    def text_head(self, module: torch.nn.Module | None) -> None:
+        self._text_head = module
+
+    def tokenize(self, texts: Sequence[str]) -> Any:
+        """The text tower's input for ``texts`` (the backbone's tokenizer, or its fast equivalent)."""
+        if self._tokenizer is not None:
+            return self._tokenizer(texts)
+        return self.text_backbone.tokenize(texts)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -87,7 +180,7 @@ class Encoder:
     @property
     def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """PIL image -> pixel tensor; picklable, for DataLoader workers."""
-        return self.image_backbone.transform
+        return self._transform if self._transform is not None else self.image_backbone.transform
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -155,7 +248,7 @@ class Encoder:
         if self.text_runner is not None:
             check_texts(texts)
             with self._tokenize_lock:  # Hugging Face fast tokenizers raise "Already borrowed" when shared by threads
-                tokens = self.text_backbone.tokenize(texts)
+                tokens = self.tokenize(texts)
             return l2_normalize(self.text_runner(tokens))
         return self.project_text(self.text_features(texts))
 

@@ -11,11 +11,13 @@ Backends
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 
 from retrieval.calibration import Calibration
 from retrieval.encoders.backbones import ImageBackbone, TextBackbone
+from retrieval.encoders.bundle import load_bundle, save_bundle
 from retrieval.encoders.device import resolve_device
 from retrieval.encoders.effnet import build_effnet
 from retrieval.encoders.encoder import Encoder
@@ -29,13 +31,24 @@ from retrieval.heads import HeadPair, load_heads
 
 __all__ = ["build_encoder", "build_torch_encoder", "register_open_clip_config"]
 
+log = logging.getLogger("retrieval.encoders")
+
 
 def build_encoder(spec: EncoderSpec | str) -> Encoder:
     """Build the encoder a spec (or a spec string, see :func:`~retrieval.encoders.spec.parse_spec`) describes, with
     each tower on the engine and precision :func:`~retrieval.encoders.runtime.setup_runtime` chooses."""
     if isinstance(spec, str):
         spec = parse_spec(spec)
-    return setup_runtime(build_torch_encoder(spec))
+    loaded = load_bundle(spec, build_torch_encoder)  # the ONNX export of an encoder built here before: ~1 s
+    if loaded is not None:
+        log.info("encoder %s loaded from its ONNX export: %s", spec.label(), loaded.runtime_label())
+        return loaded
+    encoder = setup_runtime(build_torch_encoder(spec))
+    try:
+        save_bundle(encoder)
+    except OSError as exc:  # a read-only cache costs a full build next time, nothing more
+        log.warning("cannot record the encoder for a fast load: %s", exc)
+    return encoder
 
 
 def build_torch_encoder(spec: EncoderSpec) -> Encoder:

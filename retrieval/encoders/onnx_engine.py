@@ -90,7 +90,7 @@ class InputSignature:
             return cls(names, keyed=True, constants=constants)
         raise ExportFailed(f"cannot export a backbone whose input is a {type(inputs).__name__}")
 
-    def tensors(self, inputs: torch.Tensor | Mapping[str, Any]) -> list[torch.Tensor]:
+    def tensors(self, inputs: torch.Tensor | Mapping[str, Any]) -> list[Any]:
         """The tensors to feed, in graph-input order; the constants must match the exported ones."""
         if not self.keyed:
             assert isinstance(inputs, torch.Tensor)
@@ -189,7 +189,9 @@ class OnnxTower:
         return np.asarray(out, dtype=np.float32)
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
+def _to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return np.ascontiguousarray(t if t.dtype.kind in "iu" else t.astype(np.float32, copy=False))
     t = t.detach().cpu()
     if t.is_floating_point():
         t = t.float()
@@ -221,7 +223,7 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _cached_ok(path: Path) -> bool:
+def cached_ok(path: Path) -> bool:
     """The cache file exists and matches the SHA-256 its sidecar recorded (written after the file)."""
     side = _sidecar(path)
     if not (path.is_file() and side.is_file()):
@@ -326,7 +328,7 @@ def load_tower(
     target = fp32 if precision == "fp32" else cache_dir() / f"{kind}-{key}-{precision}.onnx"
     with _export_lock:  # one export at a time in this process; other processes are kept safe by atomic writes
         fresh = False
-        if not _cached_ok(fp32):
+        if not cached_ok(fp32):
             if fp32.exists():
                 log.warning("the ONNX cache file %s is damaged or incomplete; exporting it again", fp32)
             _export(module, signature.tensors(examples[0]), fp32)
@@ -334,7 +336,7 @@ def load_tower(
                    MIN_EXPORT_COSINE)
             _record(fp32, tower=kind, identity=dict(identity), exporter=EXPORTER_VERSION, torch=torch.__version__)
             fresh = True
-        if precision == "int8" and not _cached_ok(target):
+        if precision == "int8" and not cached_ok(target):
             _quantize(fp32, target)
             _check(OnnxTower(make_session(target, "cpu", threads), signature, "int8", target), module, examples,
                    MIN_INT8_COSINE)

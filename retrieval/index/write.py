@@ -32,8 +32,9 @@ def write_index(
     """Build an index from ``vectors`` ``(n, d)`` float32 (L2-normalised) and row-aligned ``metadata`` (each with a
     unique string ``"id"``) and write it atomically to ``out_dir``, replacing any index there.
 
-    ``index_key`` None: :func:`choose_index_key` (n, d, ``memory_budget_bytes``; default: the machine's memory). ``build`` is recorded in the
-    manifest, together with training/search defaults (``nlist``, ``nprobe``, ``efSearch``, ``train_size``).
+    ``index_key`` None: :func:`choose_index_key` (n, d, ``memory_budget_bytes``; default: the machine's memory).
+    ``build`` is recorded in the manifest, together with training/search defaults (``nlist``, ``nprobe``,
+    ``efSearch``, ``train_size``).
     Raises :class:`BadInput` for bad vectors/metadata/key.
     """
     vectors = validate_vectors(vectors)
