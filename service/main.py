@@ -64,7 +64,7 @@ def _lifespan(encoder: Encoder | None):
                     enc, cfg.index_dir, image_root=cfg.image_root, cache_size=cfg.cache_size,
                     thumb_cache_size=cfg.thumb_cache_size, thumb_size=cfg.thumb_size,
                     max_query_chars=cfg.max_query_chars, max_top_k=cfg.max_top_k,
-                    max_image_pixels=cfg.max_image_pixels,
+                    max_image_pixels=cfg.max_image_pixels, omp_threads=cfg.search_omp_threads,
                 )
             )
         except Exception as exc:

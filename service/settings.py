@@ -49,6 +49,11 @@ class ServiceSettings(BaseSettings):
     decode_threads: int = Field(default=2, ge=1, le=64, description="threads decoding uploaded images")
     decode_queue: int = Field(default=32, ge=1, description="uploads being decoded or waiting to be, before 429")
     search_threads: int = Field(default=1, ge=1, le=64, description="threads running index searches")
+    search_omp_threads: int = Field(
+        default=1, ge=1, le=256,
+        description="faiss OpenMP threads per search thread; more only helps large batches over large indexes, and "
+        "idle OpenMP workers spin-wait after every search",
+    )
 
     cache_size: int = Field(default=4096, ge=0, description="LRU query-embedding cache entries (0: off)")
     thumb_cache_size: int = Field(default=1024, ge=0, description="thumbnails kept in memory")

@@ -298,3 +298,18 @@ def test_random_weights_are_never_loaded_from_a_record(tiny_clip_spec, tmp_path,
     torch.manual_seed(4)
     enc = build_encoder(tiny_clip_spec)
     assert enc.image_runner is not None and not bundle_path(tiny_clip_spec).exists()
+
+
+def test_length_groups_cover_every_row_once_with_little_padding():
+    from retrieval.encoders.onnx_engine import length_groups
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 40, size=200)
+    groups = length_groups(lengths, max_waste=0.2, max_group=64)
+    rows = np.concatenate(groups)
+    assert sorted(rows.tolist()) == list(range(200))
+    for g in groups:
+        assert len(g) <= 64
+        cells = len(g) * lengths[g].max()
+        assert len(g) == 1 or lengths[g].sum() >= 0.8 * cells  # padding under 20% of each group's cells
+    assert len(length_groups(np.full(100, 12), max_group=64)) == 2  # equal lengths: only the size limit splits

