@@ -54,6 +54,10 @@ def _lifespan(encoder: Encoder | None):
                 from retrieval.index import IndexStore
 
                 spec = cfg.encoder.spec()
+                if spec.threads is None:  # half the cores encode; the rest serve HTTP, decode and search
+                    from retrieval.encoders.cpu import usable_cores
+
+                    spec = spec.model_copy(update={"threads": max(1, usable_cores() // 2)})
                 # Fail fast, before loading any weights: the manifest must name this encoder.
                 await asyncio.to_thread(IndexStore.open, cfg.index_dir, expected_encoder=spec.identity())
                 enc = await asyncio.to_thread(build_encoder, spec)

@@ -43,7 +43,11 @@ class ServiceSettings(BaseSettings):
         default=True, description="False: every request runs the encoder on its own (for comparison)"
     )
     max_batch: int = Field(default=32, ge=1, le=1024, description="queries per encoder call")
-    max_wait_ms: float = Field(default=2.0, ge=0, le=1000, description="how long the batcher waits to fill a batch")
+    max_wait_ms: float = Field(
+        default=0.0, ge=0, le=1000,
+        description="how long the batcher waits to fill a batch; 0: it takes what queued up while the encoder was busy "
+        "(no wait when idle, full batches under load)",
+    )
     queue_size: int = Field(default=256, ge=1, description="queued requests before 429")
 
     decode_threads: int = Field(default=2, ge=1, le=64, description="threads decoding uploaded images")

@@ -97,3 +97,23 @@ async def test_searches_and_cached_queries_do_not_wait_behind_the_encoder(index,
             gate.release.set()
         assert (await slow).status_code == 200
     assert search_threads and not any(name.startswith("encoder") for name in search_threads), search_threads
+
+
+def test_searches_use_the_configured_openmp_threads_in_whatever_thread_runs_them(index, tiny_encoder):
+    """faiss's idle OpenMP workers spin after every search: the searcher pins its calling thread's team size."""
+    import faiss
+    import numpy as np
+
+    from service.engine import Searcher
+
+    searcher = Searcher(tiny_encoder, index, omp_threads=1)
+    seen: list[int] = []
+
+    def search() -> None:
+        searcher.search_vectors(np.ones((1, tiny_encoder.dim), np.float32), 3)
+        seen.append(faiss.omp_get_max_threads())
+
+    t = threading.Thread(target=search)
+    t.start()
+    t.join()
+    assert seen == [1]
