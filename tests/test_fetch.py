@@ -111,7 +111,7 @@ def test_caltech101_gets_prompts_and_labels(tmp_path, monkeypatch):
 
 
 def test_archives_behind_a_form_are_asked_for(tmp_path):
-    with pytest.raises(DatasetError, match="flickr30k-images.tar.gz"):
+    with pytest.raises(DatasetError, match=r"flickr30k-images\.tar\.gz"):
         fetch_mod.fetch("flickr30k", tmp_path / "f30k", quiet=True)
 
 

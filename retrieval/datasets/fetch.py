@@ -203,7 +203,7 @@ def _karpathy(name: str) -> Callable[[str], str | None]:
 
 
 def _prep_flickr30k(dl: Path, dest: Path) -> None:
-    archive = next((dl / n for n in ("flickr30k-images.tar.gz", "flickr30k-images.zip") if (dl / n).is_file()))
+    archive = next(dl / n for n in ("flickr30k-images.tar.gz", "flickr30k-images.zip") if (dl / n).is_file())
     rename = _images_only("flickr30k-images/")
     (_extract_tar if archive.name.endswith(".tar.gz") else _extract_zip)(archive, dest, rename)
     _extract_zip(dl / "caption_datasets.zip", dest, _karpathy("flickr30k"))
