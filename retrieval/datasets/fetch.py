@@ -198,8 +198,13 @@ def _prep_flickr8k(dl: Path, dest: Path) -> None:
     _extract_zip(dl / "Flickr8k_text.zip", dest, lambda n: Path(n).name if Path(n).name in keep else None)
 
 
+def _only_file(filename: str) -> Callable[[str], str | None]:
+    """Extract only the member named ``filename`` (in any folder), to the top of the destination."""
+    return lambda n: filename if Path(n).name == filename else None
+
+
 def _karpathy(name: str) -> Callable[[str], str | None]:
-    return lambda n: Path(n).name if Path(n).name == f"dataset_{name}.json" else None
+    return _only_file(f"dataset_{name}.json")
 
 
 def _prep_flickr30k(dl: Path, dest: Path) -> None:
@@ -249,7 +254,7 @@ def _prep_visual_genome(dl: Path, dest: Path) -> None:
     for archive, folder in (("images.zip", "VG_100K/"), ("images2.zip", "VG_100K_2/")):
         _extract_zip(dl / archive, dest, _images_only(folder, f"images/{folder}"))
     for name in ("region_descriptions.json", "image_data.json"):
-        _extract_zip(dl / f"{name}.zip", dest, lambda n, name=name: name if Path(n).name == name else None)
+        _extract_zip(dl / f"{name}.zip", dest, _only_file(name))
 
 
 def _prep_fashioniq(dl: Path, dest: Path) -> None:
