@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -34,18 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from bench_service import load_captions  # the benchmarks folder is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_captions(data: Path) -> list[str]:
-    caps: list[str] = []
-    with open(data / "captions.jsonl", encoding="utf-8") as fh:
-        for line in fh:
-            caps.extend(c.strip() for c in json.loads(line).get("captions", []) if c.strip())
-    uniq = list(dict.fromkeys(caps))
-    random.Random(0).shuffle(uniq)
-    return uniq
 
 
 def cpu_line() -> str:
