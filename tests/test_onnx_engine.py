@@ -313,3 +313,22 @@ def test_length_groups_cover_every_row_once_with_little_padding():
         cells = len(g) * lengths[g].max()
         assert len(g) == 1 or lengths[g].sum() >= 0.8 * cells  # padding under 20% of each group's cells
     assert len(length_groups(np.full(100, 12), max_group=64)) == 2  # equal lengths: only the size limit splits
+
+
+def test_a_read_only_cache_still_gives_a_working_onnx_encoder(tiny_clip_spec, tmp_path, monkeypatch, caplog):
+    import os
+
+    if os.geteuid() == 0:  # root writes through read-only permissions: point the cache at a file instead
+        blocker = tmp_path / "not-a-folder"
+        blocker.write_text("x")
+        monkeypatch.setenv("RETRIEVAL_CACHE", str(blocker))
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        monkeypatch.setenv("RETRIEVAL_CACHE", str(ro))
+    monkeypatch.setattr("retrieval.encoders.onnx_engine._fallback_dir", None)
+    with caplog.at_level(logging.WARNING):
+        (_, txt_ref), enc = _torch_then_onnx(tiny_clip_spec)
+    assert enc.text_runner is not None and "cannot write the ONNX cache" in caplog.text
+    assert (enc.encode_text(TEXTS) * txt_ref).sum(1).min() >= 0.9999

@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -240,8 +242,25 @@ def _to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
 _export_lock = threading.Lock()
 
 
+_fallback_dir: Path | None = None
+
+
 def cache_dir() -> Path:
-    return cache_root() / "onnx"
+    """``cache_root()/onnx``; where that cannot be written (a read-only home in a container), a temporary folder
+    for this process (exports are then redone by every process, and a warning says so)."""
+    global _fallback_dir
+    folder = cache_root() / "onnx"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    if _fallback_dir is None:
+        _fallback_dir = Path(tempfile.mkdtemp(prefix="retrieval-onnx-"))
+        log.warning("cannot write the ONNX cache %s; exporting into %s for this process only (set RETRIEVAL_CACHE "
+                    "to a writable folder)", folder, _fallback_dir)
+    return _fallback_dir
 
 
 def cache_key(identity: Mapping[str, Any], tower: TowerKind, fingerprint: str, signature: InputSignature,
