@@ -16,7 +16,8 @@ from retrieval.encoders import build_encoder
 from retrieval.encoders.cpu import parse_cpuinfo
 from retrieval.encoders.device import TowerPlan, runtime_candidates
 from retrieval.encoders.factory import build_torch_encoder
-from retrieval.encoders.onnx_engine import ExportFailed, load_tower, onnx_providers
+from retrieval.encoders.onnx_engine import ExportFailed, onnx_providers
+from retrieval.encoders.onnx_export import load_tower
 from retrieval.encoders.runtime import DECISIONS_FILE, measured_choice, setup_runtime
 from retrieval.errors import BadInput, EncoderUnavailable
 

@@ -32,14 +32,8 @@ from retrieval.calibration import Calibration
 from retrieval.encoders.cpu import cpu_info
 from retrieval.encoders.device import TowerPlan
 from retrieval.encoders.encoder import Encoder
-from retrieval.encoders.onnx_engine import (
-    EXPORTER_VERSION,
-    InputSignature,
-    OnnxTower,
-    cache_dir,
-    cached_ok,
-    make_session,
-)
+from retrieval.encoders.onnx_engine import InputSignature, OnnxTower, cache_dir, cached_ok, make_session
+from retrieval.encoders.onnx_export import EXPORTER_VERSION
 from retrieval.encoders.spec import EncoderSpec
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from retrieval.atomic import atomic_write_text
 from retrieval.encoders.cpu import CpuInfo, cpu_info
 from retrieval.encoders.device import RuntimeChoice, TowerPlan, runtime_candidates
 from retrieval.encoders.encoder import Encoder
-from retrieval.encoders.onnx_engine import ExportFailed, OnnxTower, load_tower, onnx_available
+from retrieval.encoders.onnx_engine import ExportFailed, OnnxTower, onnx_available
+from retrieval.encoders.onnx_export import load_tower
 from retrieval.paths import cache_root
 
 log = logging.getLogger("retrieval.encoders")
@@ -152,24 +153,17 @@ def _onnx_tower(encoder: Encoder, kind: str, precision: str) -> OnnxTower:
 def _torch_call(encoder: Encoder, kind: str, module: torch.nn.Module, dtype: torch.dtype) -> Callable[[], Any]:
     """One timed call of a torch tower in ``dtype`` (the module given, the head in float32)."""
     if kind == "image":
-        pixels = sample_pixels(encoder, IMAGE_BATCH).to(encoder.device, dtype)
+        inputs: Any = sample_pixels(encoder, IMAGE_BATCH).to(encoder.device, dtype)
         head = encoder.image_head
+    else:
+        inputs, head = encoder.text_backbone.tokenize([SAMPLE_CAPTIONS[1]]), encoder.text_head
 
-        def run_image() -> Any:
-            with torch.inference_mode():
-                out = module(pixels).float()
-                return head(out) if head is not None else out
-
-        return run_image
-    tokens = encoder.text_backbone.tokenize([SAMPLE_CAPTIONS[1]])
-    text_head = encoder.text_head
-
-    def run_text() -> Any:
+    def run() -> Any:
         with torch.inference_mode():
-            out = module(tokens).float()
-            return text_head(out) if text_head is not None else out
+            out = module(inputs).float()
+            return head(out) if head is not None else out
 
-    return run_text
+    return run
 
 
 def _plan_tower(encoder: Encoder, kind: str, choice: RuntimeChoice, cpu: CpuInfo) -> None:
