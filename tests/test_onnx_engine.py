@@ -333,3 +333,19 @@ def test_a_read_only_cache_still_gives_a_working_onnx_encoder(tiny_clip_spec, tm
         (_, txt_ref), enc = _torch_then_onnx(tiny_clip_spec)
     assert enc.text_runner is not None and "cannot write the ONNX cache" in caplog.text
     assert (enc.encode_text(TEXTS) * txt_ref).sum(1).min() >= 0.9999
+
+
+@pytest.mark.slow
+def test_int8_quantises_the_real_text_tower_without_breaking_it(flickr8k, tmp_path, monkeypatch):
+    """Only weight matrices are quantised: quantising attention's activation products turned MiniLM's output
+    around (cosine -0.08), and the tower fell back to torch."""
+    from retrieval.encoders import parse_spec
+
+    rows = [json.loads(line) for line in (flickr8k / "captions.jsonl").read_text().splitlines()][:40]
+    captions = [c for r in rows for c in r["captions"][:2]]
+    enc = build_torch_encoder(parse_spec("default", engine="torch", precision="fp32", device="cpu"))
+    ref = enc.encode_text(captions)
+    enc.spec = enc.spec.model_copy(update={"engine": "onnx", "precision": "int8"})
+    setup_runtime(enc)
+    assert enc.plans["text"] == TowerPlan("onnx", "int8"), enc.reasons["text"]
+    assert float((enc.encode_text(captions) * ref).sum(1).min()) > 0.98

@@ -41,7 +41,8 @@ def build_encoder(spec: EncoderSpec | str) -> Encoder:
         spec = parse_spec(spec)
     loaded = load_bundle(spec, build_torch_encoder)  # the ONNX export of an encoder built here before: ~1 s
     if loaded is not None:
-        log.info("encoder %s loaded from its ONNX export: %s", spec.label(), loaded.runtime_label())
+        log.info("encoder %s loaded from its ONNX export: %s — image: %s; text: %s", spec.label(),
+                 loaded.runtime_label(), loaded.reasons["image"], loaded.reasons["text"])
         return loaded
     encoder = setup_runtime(build_torch_encoder(spec))
     try:
