@@ -1,13 +1,14 @@
 """Request micro-batching and the request pipeline, independent of HTTP.
 
-:class:`MicroBatcher` puts each submitted item with an asyncio future on a bounded queue; one worker task takes up
-to ``max_batch`` items (waiting at most ``max_wait_ms`` for the batch to fill), runs the batch function in a thread
-so the event loop never blocks, and resolves the futures. A full queue raises :class:`Overloaded` at once (HTTP 429).
+:class:`MicroBatcher` puts each submitted item with an asyncio future on a bounded queue; ``workers`` worker tasks
+(one by default) each take up to ``max_batch`` items (waiting at most ``max_wait_ms`` for the batch to fill), run the
+batch function in a thread so the event loop never blocks, and resolve the futures. A full queue raises
+:class:`Overloaded` at once (HTTP 429).
 :class:`DirectRunner` has the same interface with no batching (one thread call per item, bounded in-flight), for
 comparison and for deployments that want it.
 
 :class:`Pipeline` chains them: prepare (a bounded decode pool, or inline checks) -> encode (a batcher on the encoder
-thread) -> search (a batcher on the search threads), so decoding and searching never wait behind the encoder.
+threads) -> search (a batcher on the search threads), so decoding and searching never wait behind the encoder.
 
 The batch function maps ``list[T]`` to a list of the same length whose entries are results or exception instances
 (a bad item fails alone, not its whole batch).
@@ -74,10 +75,13 @@ class MicroBatcher(Generic[T, R]):
         name: str = "batcher",
         observer: BatchObserver | None = None,
         executor: Executor | None = None,
+        workers: int = 1,
     ):
-        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch and queue_size must be >= 1, max_wait_ms >= 0")
+        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0 or workers < 1:
+            raise ValueError("max_batch, queue_size and workers must be >= 1, max_wait_ms >= 0")
         self.fn = fn
+        #: batches in flight at once (each one call of ``fn`` in ``executor``, which needs as many threads)
+        self.workers = workers
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
@@ -86,31 +90,34 @@ class MicroBatcher(Generic[T, R]):
         self.executor = executor
         self.stats = BatcherStats()
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
         self._accepting = False
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Create the queue and the worker task on the running loop."""
-        if self._worker is not None:
+        """Create the queue and the worker tasks on the running loop."""
+        if self._workers:
             return
         self._queue = asyncio.Queue(maxsize=self.queue_size)
         self._accepting = True
-        self._worker = asyncio.create_task(self._run(), name=f"{self.name}-worker")
+        self._workers = [asyncio.create_task(self._run(), name=f"{self.name}-worker-{i}")
+                         for i in range(self.workers)]
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting, let the worker finish everything already queued, then end it."""
+        """Stop accepting, let the workers finish everything already queued, then end them."""
         self._accepting = False
-        if self._worker is None or self._queue is None:
+        if not self._workers or self._queue is None:
             return
         try:
             await asyncio.wait_for(self._queue.join(), timeout)
         except TimeoutError:
             log.warning("%s: %d queued items dropped at shutdown", self.name, self._queue.qsize())
-        self._worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._worker
-        self._worker = None
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._workers = []
         while not self._queue.empty():  # only after a timeout: fail the leftovers instead of leaving them hanging
             _, fut = self._queue.get_nowait()
             if not fut.done():

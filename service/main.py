@@ -78,15 +78,20 @@ def _lifespan(encoder: Encoder | None):
         if cfg.warmup:
             await asyncio.to_thread(searcher.warmup)
         state.searcher = searcher
-        # One thread runs every encoder call (text and image): one batch at a time uses every core (ONNX Runtime or
-        # torch intra-op threads), and torch keeps one OpenMP thread team per calling thread. Uploads are decoded in
-        # their own bounded pool and index searches run on their own threads, so neither waits behind the encoder.
-        executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder"),
+        # The encoder threads run every encoder call (text and image): `workers` batches at once, each with the
+        # encoder's intra-op threads (half the cores by default, so two batches keep a 2-core machine encoding under
+        # load). Uploads are decoded in their own bounded pool and index searches run on their own threads, so
+        # neither waits behind the encoder.
+        from retrieval.encoders.cpu import usable_cores
+
+        workers = cfg.encode_workers or max(1, usable_cores() // (enc.spec.threads or usable_cores()))
+        await asyncio.to_thread(enc.allow_parallel_calls, workers)
+        executors = [ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encoder"),
                      ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode"),
                      ThreadPoolExecutor(max_workers=cfg.search_threads, thread_name_prefix="search")]
         state.text_runner, state.image_runner = make_pipelines(
             searcher, cfg, encoder_executor=executors[0], decode_executor=executors[1],
-            search_executor=executors[2], observer=state.metrics.batch_observer)
+            search_executor=executors[2], observer=state.metrics.batch_observer, encode_workers=workers)
         await state.text_runner.start()
         await state.image_runner.start()
         state.metrics.index_vectors.set(len(searcher.store.ids))

@@ -50,6 +50,11 @@ class ServiceSettings(BaseSettings):
     )
     queue_size: int = Field(default=256, ge=1, description="queued requests before 429")
 
+    encode_workers: int | None = Field(
+        default=None, ge=1, le=64,
+        description="encoder batches run at once (None: the cores / the encoder's intra-op threads); more than one "
+        "keeps every core encoding under load while a single query still gets the encoder's threads",
+    )
     decode_threads: int = Field(default=2, ge=1, le=64, description="threads decoding uploaded images")
     decode_queue: int = Field(default=32, ge=1, description="uploads being decoded or waiting to be, before 429")
     search_threads: int = Field(default=1, ge=1, le=64, description="threads running index searches")

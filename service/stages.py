@@ -73,17 +73,17 @@ class SearchStages:
 
 
 def _runner(settings: ServiceSettings, fn: Any, name: str, executor: Executor, observer: BatchObserver | None,
-            max_batch: int, max_wait_ms: float) -> Runner:
+            max_batch: int, max_wait_ms: float, workers: int = 1) -> Runner:
     if settings.batching:
         return MicroBatcher(fn, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=settings.queue_size,
-                            name=f"{name}-batcher", observer=observer, executor=executor)
+                            name=f"{name}-batcher", observer=observer, executor=executor, workers=workers)
     return DirectRunner(fn, queue_size=settings.queue_size, name=f"{name}-direct", observer=observer,
                         executor=executor)
 
 
 def make_pipelines(searcher: Searcher, settings: ServiceSettings, *, encoder_executor: Executor,
-                   decode_executor: Executor, search_executor: Executor,
-                   observer: Any = None) -> tuple[Pipeline[Any, PreparedQuery, list[Hit]],
+                   decode_executor: Executor, search_executor: Executor, observer: Any = None,
+                   encode_workers: int = 1) -> tuple[Pipeline[Any, PreparedQuery, list[Hit]],
                                                   Pipeline[Any, PreparedQuery, list[Hit]]]:
     """The text and image pipelines. ``observer(name)`` returns a batch observer (Prometheus) or None."""
     stages = SearchStages(searcher)
@@ -93,7 +93,8 @@ def make_pipelines(searcher: Searcher, settings: ServiceSettings, *, encoder_exe
 
     def pipeline(kind: str, prepare: Any, encode: Any, decode: Executor | None) -> Pipeline[Any, PreparedQuery,
                                                                                              list[Hit]]:
-        enc = _runner(settings, encode, kind, encoder_executor, obs(kind), settings.max_batch, settings.max_wait_ms)
+        enc = _runner(settings, encode, kind, encoder_executor, obs(kind), settings.max_batch, settings.max_wait_ms,
+                      encode_workers)
         srch = _runner(settings, stages.search, f"{kind}-search", search_executor, obs(f"{kind}-search"),
                        SEARCH_BATCH, 0.0)
         return Pipeline(prepare, enc, srch, prepare_executor=decode, prepare_limit=settings.decode_queue,

@@ -349,3 +349,17 @@ def test_int8_quantises_the_real_text_tower_without_breaking_it(flickr8k, tmp_pa
     setup_runtime(enc)
     assert enc.plans["text"] == TowerPlan("onnx", "int8"), enc.reasons["text"]
     assert float((enc.encode_text(captions) * ref).sum(1).min()) > 0.98
+
+
+def test_parallel_calls_get_their_own_sessions_and_agree(tiny_clip_spec, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path))
+    (_, txt_ref), enc = _torch_then_onnx(tiny_clip_spec)
+    enc.allow_parallel_calls(3)
+    assert enc.text_runner.ensure_sessions(1) == 3 and enc.image_runner.ensure_sessions(1) == 3
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: enc.encode_text(TEXTS), range(12)))
+    for out in outs:
+        np.testing.assert_allclose(out, outs[0], atol=1e-6)
+    assert (outs[0] * txt_ref).sum(1).min() >= 0.9999

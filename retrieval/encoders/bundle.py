@@ -15,6 +15,7 @@ The torch modules (the trainer's ``image_features``/``text_features``, a torch t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -154,7 +155,8 @@ def load_bundle(spec: EncoderSpec, build_torch: Callable[[EncoderSpec], Encoder]
             if not cached_ok(graph):
                 return None
             signature = InputSignature(tuple(t["names"]), bool(t["keyed"]), tuple(t["constants"].items()))
-            runners[kind] = OnnxTower(make_session(graph, "cpu", spec.threads), signature, t["precision"], graph)
+            runners[kind] = OnnxTower(make_session(graph, "cpu", spec.threads), signature, t["precision"], graph,
+                                      functools.partial(make_session, graph, "cpu", spec.threads))
         with open(path.with_name(record["transform"]), "rb") as fh:
             transform = pickle.load(fh)  # written by save_bundle into the user's own cache folder
         tokenizer = FastTokenizer(record["tokenizer"])

@@ -163,6 +163,13 @@ class Encoder:
         """The image backbone's torch dtype (the trainer's feature cache records it)."""
         return self.image_dtype
 
+    def allow_parallel_calls(self, n: int) -> None:
+        """Prepare for up to ``n`` encoder calls at once (a server running several batches): ONNX Runtime towers
+        get ``n`` sessions each. Torch towers stay serialised by a lock."""
+        for runner in (self.image_runner, self.text_runner):
+            if runner is not None:
+                runner.ensure_sessions(n)
+
     def runtime_info(self) -> dict[str, Any]:
         """``{"image": {"engine", "precision", "reason"}, "text": {...}}``: what the index manifest records."""
         return {kind: {"engine": plan.engine, "precision": plan.precision, "reason": self.reasons.get(kind, "")}

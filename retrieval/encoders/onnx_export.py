@@ -231,4 +231,4 @@ def load_tower(
         session = make_session(target, device_type, threads)
     except Exception as exc:
         raise ExportFailed(f"ONNX Runtime cannot load {target}: {exc}") from exc
-    return OnnxTower(session, signature, precision, target)
+    return OnnxTower(session, signature, precision, target, lambda: make_session(target, device_type, threads))
