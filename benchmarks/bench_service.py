@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="server's torch intra-op threads (SERVICE_TORCH_THREADS); 1 leaves the second core to HTTP and "
                         "the load generator on a 2-core machine")
     p.add_argument("--encoder-threads", type=int, default=None,
-                   help="server's ONNX Runtime intra-op threads (SERVICE_ENCODER__THREADS; default: the cores)")
+                   help="server's ONNX Runtime intra-op threads (SERVICE_ENCODER__THREADS; default: half the cores)")
     p.add_argument("--peer-cmd", default=os.environ.get("INFINITY_EMB"),
                    help="the infinity_emb executable of a separate venv (pip install 'infinity-emb[all]'): adds the "
                         "peer row (env INFINITY_EMB)")
@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     md = table(on, off)
     print(f"\n### Service: text search over HTTP, micro-batcher on vs off ({on_info['count']} images, "
           f"{on_info['encoder']}, {on_info['index_key']}, torch threads {args.torch_threads}, "
-          f"encoder threads {args.encoder_threads or 'cores'}; {cpu})\n")
+          f"encoder threads {args.encoder_threads or 'half the cores (the default)'}; {cpu})\n")
     print(md)
     peer_md = peer_table(on, peer, f"infinity ({args.peer_engine})") if peer else f"infinity peer: {peer_note}"
     print("\n" + peer_md)

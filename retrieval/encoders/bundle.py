@@ -170,5 +170,6 @@ def load_bundle(spec: EncoderSpec, build_torch: Callable[[EncoderSpec], Encoder]
         spec, record["dim"], torch.device("cpu"), Calibration.from_dict(cal) if cal else None, transform,
         tokenizer, runners["image"], runners["text"],
         {k: TowerPlan("onnx", t["precision"]) for k, t in record["towers"].items()},
-        {k: t["reason"] for k, t in record["towers"].items()}, lambda: build_torch(spec))
+        {k: t["reason"].replace("measured now", "measured earlier on this machine")
+         for k, t in record["towers"].items()}, lambda: build_torch(spec))
     return enc
