@@ -6,11 +6,12 @@
 Vectors are drawn to look like real embeddings, not uniform noise (on which recall means nothing): each is a random
 blend (Dirichlet weights) of three real Flickr8k image embeddings of the default encoder (train + dev photos), moved
 by Gaussian noise shaped like the real embeddings' covariance, then normalised. Queries are real Flickr8k *test*
-captions (never a source of the database), encoded by the same encoder. For each size: the chooser's pick under this
-machine's memory (the default budget), and exact Flat; for each index: build time, bytes per vector (the written
-file), resident memory added by the built index, recall@10 against exact search, latency at batch 1 (p50) and
-batch 64 (ms per batch). Vectors are generated and added in chunks, so the peak is the index itself; an index
-that would not fit in the memory available now is skipped with the reason (the machine is shared).
+captions (never a source of the database), encoded by the same encoder. Searches use one OpenMP thread
+(``--omp-threads``), as the service does. For each size: the chooser's pick under this machine's memory (the default
+budget), and exact Flat; for each index: build time, bytes per vector (the written file), resident memory added by
+the built index, recall@10 against exact search, latency at batch 1 (p50) and batch 64 (ms per batch). Vectors are
+generated and added in chunks, so the peak is the index itself; an index that would not fit in the memory available
+now is skipped with the reason (the machine is shared).
 
 Embeddings come from ``--index`` (default ``out/bench-flickr8k-index``, the one ``make bench-service`` builds; built
 here once when missing).
@@ -35,7 +36,13 @@ import numpy as np
 
 from retrieval.encoders import build_encoder, parse_spec
 from retrieval.encoders.cpu import cpu_info
-from retrieval.index import IndexStore, choose_index_key, configure_faiss, machine_memory_bytes
+from retrieval.index import (
+    IndexStore,
+    choose_index_key,
+    configure_faiss,
+    machine_memory_bytes,
+    set_thread_omp_threads,
+)
 from retrieval.index.choose import FLAT_MAX_VECTORS, HNSW_M, flat_bytes, hnsw_bytes, ivfpq_bytes
 from retrieval.index.faiss_ops import DEFAULT_EF_SEARCH, DEFAULT_NPROBE_MIN, nlist_of, search_params, train_size
 
@@ -151,12 +158,18 @@ def build(key: str, gen: Generator, n: int, dim: int) -> tuple[Any, dict[str, An
     return index, info
 
 
+#: OpenMP threads for searches (set from --omp-threads); builds use every core, like the indexer.
+SEARCH_OMP = {"threads": 1}
+
+
 def measure(key: str, gen: Generator, n: int, queries: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     dim = queries.shape[1]
     rss0 = rss_bytes()
+    set_thread_omp_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
     index, info = build(key, gen, n, dim)
     build_s = time.perf_counter() - t0
+    set_thread_omp_threads(SEARCH_OMP["threads"])
     resident = rss_bytes() - rss0
     with tempfile.TemporaryDirectory() as tmp:
         faiss.write_index(index, f"{tmp}/i.faiss")
@@ -206,9 +219,12 @@ def main() -> int:
     p.add_argument("--queries", type=int, default=1000, help="test captions used as queries")
     p.add_argument("--noise", type=float, default=0.3, help="perturbation scale (1: the real photos' own spread)")
     p.add_argument("--budget-gb", type=float, default=None, help="chooser budget (default: this machine's memory)")
+    p.add_argument("--omp-threads", type=int, default=1,
+                   help="faiss OpenMP threads for searching (the service's default is 1 per search thread)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_scale.json")
     args = p.parse_args()
     configure_faiss()
+    SEARCH_OMP["threads"] = args.omp_threads
     cpu = cpu_info()
     budget = int(args.budget_gb * GiB) if args.budget_gb else machine_memory_bytes()
     sources, queries = load_embeddings(args)

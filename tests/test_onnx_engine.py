@@ -363,3 +363,16 @@ def test_parallel_calls_get_their_own_sessions_and_agree(tiny_clip_spec, tmp_pat
     for out in outs:
         np.testing.assert_allclose(out, outs[0], atol=1e-6)
     assert (outs[0] * txt_ref).sum(1).min() >= 0.9999
+
+
+def test_the_manifest_records_how_each_tower_ran(tiny_encoder, image_folder, tmp_path):
+    from indexer.local_engine import LocalEngine
+    from indexer.pipeline import build_index
+    from indexer.settings import IndexerSettings
+
+    settings = IndexerSettings(workers=0, progress=False)
+    result = build_index(image_folder, tmp_path / "idx", settings, engine=LocalEngine(tiny_encoder, settings))
+    runtime = result.manifest.build["runtime"]
+    assert runtime["image"]["engine"] == tiny_encoder.plans["image"].engine == "onnx"
+    assert runtime["text"]["precision"] == "fp32" and runtime["image"]["reason"]
+    assert result.manifest.encoder == tiny_encoder.identity()  # the engine is not part of the identity
