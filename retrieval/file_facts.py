@@ -54,7 +54,7 @@ def parse_exif_datetime(value: Any) -> str | None:
     if not isinstance(value, str):
         return None
     text = value.strip().rstrip("\x00").strip()
-    for fmt in ("%Y:%m:%d %H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y:%m:%d %H:%M", "%Y-%m-%dT%H:%M:%S"):
+    for fmt in ("%Y:%m:%d %H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y:%m:%d %H:%M", "%Y-%m-%d %H:%M"):
         try:
             return datetime.strptime(text[:19], fmt).isoformat(timespec="seconds")
         except ValueError:
