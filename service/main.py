@@ -49,6 +49,7 @@ def _lifespan(encoder: Encoder | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from service.engine import Searcher
+        from service.searching import Limits
 
         state: ServiceState = app.state.service
         cfg = state.settings
@@ -75,7 +76,8 @@ def _lifespan(encoder: Encoder | None):
                     enc, cfg.index_dir, image_root=cfg.image_root, cache_size=cfg.cache_size,
                     thumb_cache_size=cfg.thumb_cache_size, thumb_size=cfg.thumb_size,
                     max_query_chars=cfg.max_query_chars, max_top_k=cfg.max_top_k,
-                    max_image_pixels=cfg.max_image_pixels,
+                    max_image_pixels=cfg.max_image_pixels, max_offset=cfg.max_offset,
+                    limits=Limits(max_sort_candidates=cfg.max_sort_candidates, hybrid_pool=cfg.hybrid_pool),
                 )
             )
         except Exception as exc:
@@ -88,7 +90,7 @@ def _lifespan(encoder: Encoder | None):
         # One thread runs every encoder call (text and image): the encoder serialises calls anyway, and torch keeps
         # one OpenMP thread team per calling thread.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
-        state.text_runner = _make_runner(cfg, searcher.search_text_batch, "text", state.metrics, executor)
+        state.text_runner = _make_runner(cfg, searcher.search_specs, "text", state.metrics, executor)
         state.image_runner = _make_runner(cfg, searcher.search_image_batch, "image", state.metrics, executor)
         await state.text_runner.start()
         await state.image_runner.start()

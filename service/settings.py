@@ -16,6 +16,9 @@ from retrieval.settings import EncoderSettings
 HARD_MAX_QUERY_CHARS = 2000
 HARD_MAX_TOP_K = 1000
 HARD_MAX_BATCH_QUERIES = 64
+#: Deepest result a page may start at (offset), and most ids a filter may list.
+HARD_MAX_OFFSET = 10_000
+HARD_MAX_FILTER_IDS = 1_000
 
 
 class RateLimitSettings(BaseModel):
@@ -55,6 +58,17 @@ class ServiceSettings(BaseSettings):
     max_top_k: int = Field(default=100, ge=1, le=HARD_MAX_TOP_K)
     default_top_k: int = Field(default=12, ge=1, le=HARD_MAX_TOP_K)
     max_batch_queries: int = Field(default=32, ge=1, le=HARD_MAX_BATCH_QUERIES)
+    max_offset: int = Field(default=1000, ge=0, le=HARD_MAX_OFFSET, description="deepest page start (offset)")
+    max_sort_candidates: int = Field(
+        default=1000, ge=1, le=HARD_MAX_OFFSET + HARD_MAX_TOP_K,
+        description="a date sort orders at most this many best hits (those passing min_score / min_relevance)",
+    )
+    hybrid_pool: int = Field(default=200, ge=1, le=10_000,
+                             description="hybrid mode: candidates taken from each ranking before the fusion")
+    default_min_relevance: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="the page hides hits below this calibrated relevance (a 'show all' toggle reveals them)",
+    )
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="image upload limit")
     max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="limit for every other request body")
     max_image_pixels: int = Field(
