@@ -22,6 +22,7 @@ Layouts (all read by :func:`retrieval.datasets.load_dataset` or the named reader
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import shutil
@@ -29,9 +30,10 @@ import sys
 import tarfile
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from retrieval.atomic import atomic_path, atomic_write_text
 from retrieval.errors import DatasetError
@@ -124,40 +126,42 @@ def download(item: Download, downloads: Path, *, quiet: bool = False) -> Path:
     return target
 
 
-def _extract_zip(archive: Path, dest: Path, rename: Callable[[str], str | None]) -> int:
-    """Extract members whose ``rename(member) -> relative path`` is not None; returns the count."""
-    n = 0
-    with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            rel = None if info.is_dir() else rename(info.filename)
-            if rel is None:
-                continue
-            out = dest / rel
-            if not out.resolve().is_relative_to(dest.resolve()):
-                raise DatasetError(f"{archive}: member {info.filename} would leave {dest}")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(out, "wb") as fh:
-                shutil.copyfileobj(src, fh, CHUNK)
-            n += 1
-    return n
-
-
-def _extract_tar(archive: Path, dest: Path, rename: Callable[[str], str | None]) -> int:
-    n = 0
+def _members(archive: Path) -> Iterator[tuple[str, Callable[[], IO[bytes]]]]:
+    """(name, opener) of every regular file in a zip or tar archive."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if not info.is_dir():
+                    yield info.filename, functools.partial(zf.open, info)
+        return
     with tarfile.open(archive) as tf:
+
+        def open_member(member: tarfile.TarInfo) -> IO[bytes]:
+            fh = tf.extractfile(member)
+            if fh is None:
+                raise DatasetError(f"{archive}: cannot read member {member.name}")
+            return fh
+
         for member in tf:
-            rel = rename(member.name) if member.isfile() else None
-            if rel is None:
-                continue
-            out = dest / rel
-            if not out.resolve().is_relative_to(dest.resolve()):
-                raise DatasetError(f"{archive}: member {member.name} would leave {dest}")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            src = tf.extractfile(member)
-            assert src is not None
-            with src, open(out, "wb") as fh:
-                shutil.copyfileobj(src, fh, CHUNK)
-            n += 1
+            if member.isfile():
+                yield member.name, functools.partial(open_member, member)
+
+
+def extract(archive: Path, dest: Path, rename: Callable[[str], str | None]) -> int:
+    """Extract the members of a zip or tar archive whose ``rename(member)`` gives a relative path (None: skip);
+    a member that would land outside ``dest`` is refused. Returns the number extracted."""
+    n = 0
+    for name, open_member in _members(archive):
+        rel = rename(name)
+        if rel is None:
+            continue
+        out = dest / rel
+        if not out.resolve().is_relative_to(dest.resolve()):
+            raise DatasetError(f"{archive}: member {name} would leave {dest}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open_member() as src, open(out, "wb") as fh:
+            shutil.copyfileobj(src, fh, CHUNK)
+        n += 1
     return n
 
 
@@ -193,26 +197,31 @@ def _need(dest: Path, n_images: int, splits: dict[str, int] | None = None) -> st
 
 
 def _prep_flickr8k(dl: Path, dest: Path) -> None:
-    _extract_zip(dl / "Flickr8k_Dataset.zip", dest, _images_only("Flicker8k_Dataset/"))  # sic: "Flicker"
+    extract(dl / "Flickr8k_Dataset.zip", dest, _images_only("Flicker8k_Dataset/"))  # sic: "Flicker"
     keep = {"Flickr8k.token.txt", "Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt", "Flickr_8k.testImages.txt"}
-    _extract_zip(dl / "Flickr8k_text.zip", dest, lambda n: Path(n).name if Path(n).name in keep else None)
+    extract(dl / "Flickr8k_text.zip", dest, lambda n: Path(n).name if Path(n).name in keep else None)
+
+
+def _only_file(filename: str) -> Callable[[str], str | None]:
+    """Extract only the member named ``filename`` (in any folder), to the top of the destination."""
+    return lambda n: filename if Path(n).name == filename else None
 
 
 def _karpathy(name: str) -> Callable[[str], str | None]:
-    return lambda n: Path(n).name if Path(n).name == f"dataset_{name}.json" else None
+    return _only_file(f"dataset_{name}.json")
 
 
 def _prep_flickr30k(dl: Path, dest: Path) -> None:
     archive = next(dl / n for n in ("flickr30k-images.tar.gz", "flickr30k-images.zip") if (dl / n).is_file())
     rename = _images_only("flickr30k-images/")
-    (_extract_tar if archive.name.endswith(".tar.gz") else _extract_zip)(archive, dest, rename)
-    _extract_zip(dl / "caption_datasets.zip", dest, _karpathy("flickr30k"))
+    extract(archive, dest, rename)
+    extract(dl / "caption_datasets.zip", dest, _karpathy("flickr30k"))
 
 
 def _prep_coco(dl: Path, dest: Path) -> None:
     for part in ("train2014", "val2014"):
-        _extract_zip(dl / f"{part}.zip", dest, _images_only(f"{part}/", f"images/{part}/"))
-    _extract_zip(dl / "caption_datasets.zip", dest, _karpathy("coco"))
+        extract(dl / f"{part}.zip", dest, _images_only(f"{part}/", f"images/{part}/"))
+    extract(dl / "caption_datasets.zip", dest, _karpathy("coco"))
 
 
 #: Readable names where the folder name is not one (the CLIP paper's Caltech-101 prompts).
@@ -227,7 +236,7 @@ CALTECH_NAMES = {
 def _prep_caltech101(dl: Path, dest: Path) -> None:
     inner = dl / "101_ObjectCategories.tar.gz"
     if not inner.is_file():
-        _extract_zip(dl / "caltech-101.zip", dl, lambda n: inner.name if n.endswith(inner.name) else None)
+        extract(dl / "caltech-101.zip", dl, lambda n: inner.name if n.endswith(inner.name) else None)
 
     def rename(name: str) -> str | None:
         parts = Path(name).parts
@@ -235,7 +244,7 @@ def _prep_caltech101(dl: Path, dest: Path) -> None:
             return None
         return f"images/{parts[-2]}__{parts[-1]}"
 
-    _extract_tar(inner, dest, rename)
+    extract(inner, dest, rename)
     rows = []
     for img in sorted((dest / "images").iterdir()):
         label = img.name.split("__", 1)[0]
@@ -247,9 +256,9 @@ def _prep_caltech101(dl: Path, dest: Path) -> None:
 
 def _prep_visual_genome(dl: Path, dest: Path) -> None:
     for archive, folder in (("images.zip", "VG_100K/"), ("images2.zip", "VG_100K_2/")):
-        _extract_zip(dl / archive, dest, _images_only(folder, f"images/{folder}"))
+        extract(dl / archive, dest, _images_only(folder, f"images/{folder}"))
     for name in ("region_descriptions.json", "image_data.json"):
-        _extract_zip(dl / f"{name}.zip", dest, lambda n, name=name: name if Path(n).name == name else None)
+        extract(dl / f"{name}.zip", dest, _only_file(name))
 
 
 def _prep_fashioniq(dl: Path, dest: Path) -> None:
@@ -259,7 +268,7 @@ def _prep_fashioniq(dl: Path, dest: Path) -> None:
             return f"{parts[1]}/{parts[-1]}"
         return None
 
-    _extract_zip(dl / "fashion-iq-master.zip", dest, rename)
+    extract(dl / "fashion-iq-master.zip", dest, rename)
     (dest / "images").mkdir(exist_ok=True)
 
 
