@@ -23,6 +23,7 @@ from PIL import Image
 from retrieval.errors import BadInput, BadQuery, IndexNotFound, RetrievalError, UnknownId
 from retrieval.images import IMAGE_EXTENSIONS, load_image
 from retrieval.index import IndexStore, MetaFilter
+from service import library
 from service.query import SearchSpec, Term
 from service.query import normalize_text as normalize_query
 from service.searching import Hit, Limits, Page, combine, run_search
@@ -335,6 +336,27 @@ class Searcher:
         data = buf.getvalue()
         self.thumb_cache.put(key, data)
         return data
+
+    # -- library -------------------------------------------------------------------------------------------------
+    def duplicates(self, threshold: float) -> tuple[int, list[Any]]:
+        """(generation, near-duplicate clusters at cosine ``>= threshold``), computed once per snapshot and
+        threshold (:func:`service.library.duplicates`)."""
+        snap = self._snapshot
+        key = ("dupes", round(float(threshold), 6))
+        clusters = snap.filter_cache.get(key)
+        if clusters is None:
+            clusters = library.duplicates(snap.store, threshold)
+            snap.filter_cache.put(key, clusters)
+        return snap.generation, clusters  # type: ignore[return-value]
+
+    def library_info(self) -> library.Library:
+        """Folders and date range of the current snapshot (for the page's filters)."""
+        return library.library(self._snapshot.store)
+
+    def embed(self, inputs: Sequence[str], max_image_bytes: int) -> np.ndarray:
+        """Texts and ``data:`` URL images -> ``(n, dim)`` float32 (``POST /v1/embeddings``)."""
+        return library.embed_inputs(self.encoder, inputs, max_image_bytes=max_image_bytes,
+                                    max_pixels=self.max_image_pixels, check_text=self.check_query)
 
     # -- housekeeping ----------------------------------------------------------------------------------------------
     def warmup(self) -> None:

@@ -19,8 +19,9 @@ from fastapi.staticfiles import StaticFiles
 
 from retrieval.cli_flags import add_settings_flags, settings_from_flags
 from service.api.deps import ServiceState
-from service.api.routes import admin, health, images, pages, search
+from service.api.routes import admin, embeddings, health, images, library, pages, search
 from service.errors import install_error_handlers
+from service.index_watch import index_watcher
 from service.middleware import AccessLogMiddleware, BodyLimitMiddleware, RateLimitMiddleware, TokenBuckets
 from service.observability import Metrics, configure_logging
 from service.settings import ServiceSettings
@@ -101,7 +102,8 @@ def _lifespan(encoder: Encoder | None):
                                          "encoder": searcher.store.manifest.encoder_label,
                                          "batching": cfg.batching})
         try:
-            yield
+            async with index_watcher(state, cfg.watch_index_s):
+                yield
         finally:
             state.ready = False  # readiness fails first, then queued work drains
             await state.text_runner.stop()
@@ -128,6 +130,8 @@ def create_app(settings: ServiceSettings | None = None, *, encoder: Encoder | No
 
     install_error_handlers(app)
     app.include_router(search.router)
+    app.include_router(library.router)
+    app.include_router(embeddings.router)
     app.include_router(health.router)
     app.include_router(images.router)
     app.include_router(admin.router)
@@ -138,7 +142,8 @@ def create_app(settings: ServiceSettings | None = None, *, encoder: Encoder | No
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_body_bytes,
-        limits={"/api/search/image": settings.max_upload_bytes + MULTIPART_OVERHEAD},
+        limits={"/api/search/image": settings.max_upload_bytes + MULTIPART_OVERHEAD,
+                "/v1/embeddings": settings.max_embeddings_body_bytes},
     )
     if settings.rate_limit.enabled:
         app.add_middleware(RateLimitMiddleware, buckets=TokenBuckets(settings.rate_limit), metrics=metrics)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from service.query import MAX_TERMS, MAX_WEIGHT, Filter, Mode, QuerySyntaxError, Sort, parse_query
 from service.settings import (
     HARD_MAX_BATCH_QUERIES,
+    HARD_MAX_EMBEDDING_INPUTS,
     HARD_MAX_FILTER_IDS,
     HARD_MAX_OFFSET,
     HARD_MAX_QUERY_CHARS,
@@ -320,3 +321,106 @@ class ReloadResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str = Field(..., description="error class, e.g. BadQuery, UnknownId, Overloaded")
     detail: str
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Library: folders, dates, near-duplicates
+# --------------------------------------------------------------------------------------------------------------
+
+
+class FolderCount(BaseModel):
+    folder: str = Field(..., description='relative folder ("" = the top level)')
+    count: int = Field(..., description="images directly in it")
+
+
+class LibraryResponse(BaseModel):
+    count: int
+    folders: list[FolderCount]
+    earliest: str | None = Field(None, description="earliest taken_at")
+    latest: str | None = Field(None, description="latest taken_at")
+
+
+class DuplicateItem(BaseModel):
+    id: str
+    score: float = Field(..., description="cosine to the cluster's representative (1 for itself)")
+    image_url: str
+    thumb_url: str
+
+
+class DuplicateCluster(BaseModel):
+    representative: str = Field(..., description="the member linked to the most others")
+    size: int
+    items: list[DuplicateItem]
+
+
+class DuplicatesResponse(BaseModel):
+    threshold: float
+    total: int = Field(..., description="clusters in all")
+    offset: int
+    next_offset: int | None
+    clusters: list[DuplicateCluster]
+    generation: int = Field(..., description="the index snapshot they were computed on")
+    took_ms: float
+
+
+# --------------------------------------------------------------------------------------------------------------
+# OpenAI-compatible embeddings
+# --------------------------------------------------------------------------------------------------------------
+
+
+class EmbeddingsRequest(BaseModel):
+    """``POST /v1/embeddings`` as OpenAI's API takes it. Each input is a text, or an image as a base64 data URL
+    (``data:image/jpeg;base64,...``)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"input": ["a dog in the snow", "data:image/png;base64,iVBORw0KGgo..."], "model": "default"}]})
+
+    input: str | list[Annotated[str, Field(min_length=1)]] = Field(..., description="one input or a list of them")
+    model: str = Field(..., min_length=1, max_length=200, description="see GET /v1/models")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: little-endian float32 bytes, base64-encoded (what the OpenAI client asks for)")
+    dimensions: int | None = Field(None, ge=1, description="must equal the model's dimension when given")
+    user: str | None = Field(None, max_length=256, description="ignored")
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, value: str | list[str]) -> str | list[str]:
+        items = [value] if isinstance(value, str) else value
+        if not items:
+            raise ValueError("give at least one input")
+        if len(items) > HARD_MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"{len(items)} inputs; the limit is {HARD_MAX_EMBEDDING_INPUTS}")
+        for i, item in enumerate(items):
+            if not item.strip():
+                raise ValueError(f"input[{i}] is empty")
+        return value
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingsUsage(BaseModel):
+    prompt_tokens: int = Field(..., description="words in the text inputs (approximate)")
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingsUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "retrieval"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -33,6 +33,7 @@ from service.schemas import (
     SearchRequest,
     SearchResponse,
     SortField,
+    When,
 )
 from service.settings import HARD_MAX_FILTER_IDS, HARD_MAX_QUERY_CHARS, HARD_MAX_TOP_K
 
@@ -65,8 +66,8 @@ class SearchParams(BaseModel):
     sort: Sort = SortField
     mode: Mode = ModeField
     path_prefix: str | None = Field(None, min_length=1, max_length=1024)
-    taken_after: str | None = Field(None, min_length=4, max_length=40, description="ISO 8601 date or date-time")
-    taken_before: str | None = Field(None, min_length=4, max_length=40, description="ISO 8601 date or date-time")
+    taken_after: When | None = Field(None, description="taken at or after (ISO 8601 date or date-time)")
+    taken_before: When | None = Field(None, description="taken before (a date: before the end of that day)")
     camera: str | None = Field(None, min_length=1, max_length=200)
     text: str | None = Field(None, min_length=1, max_length=HARD_MAX_QUERY_CHARS)
     ids: list[Annotated[str, Field(min_length=1, max_length=1024)]] | None = Field(None, max_length=HARD_MAX_FILTER_IDS)
