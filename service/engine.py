@@ -127,6 +127,7 @@ class Searcher:
         mmap: bool = True,
         max_offset: int = 1000,
         limits: Limits | None = None,
+        fusion_head: str | Path | None = None,
     ):
         self.encoder = encoder
         self.identity = encoder.identity()
@@ -141,6 +142,12 @@ class Searcher:
         self.limits = limits or Limits()
         #: score -> probability of relevance, from the encoder's head checkpoint (None: not calibrated)
         self.calibration = getattr(encoder, "calibration", None)
+        #: composes image + text queries (retrieval.fusion), when the service has one
+        self.fusion: Any = None
+        if fusion_head is not None:
+            from retrieval.fusion import load_fusion  # torch: only when a head is configured
+
+            self.fusion, _ = load_fusion(fusion_head, expected_encoder=self.identity)
         self.query_cache = LRUCache(cache_size)
         self.thumb_cache = LRUCache(thumb_cache_size)
         self._reload_lock = threading.Lock()
@@ -245,9 +252,18 @@ class Searcher:
                 raise UnknownId(f"image_id: no item with id {spec.image_id!r} in the index") from None
             spec = replace(spec, exclude=(*spec.exclude, spec.image_id))
         term_vecs = np.stack([vectors[t.text] for t in spec.terms]) if spec.terms else np.zeros((0, self.encoder.dim))
-        query = combine(term_vecs, [t.weight for t in spec.terms], image_vector, spec.image_weight)
-        return run_search(snap.store, spec, query, rows_for=snap.rows_for, calibration=self.calibration,
+        weights = [t.weight for t in spec.terms]
+        fuse = image_vector is not None and bool(spec.terms) and (
+            spec.compose == "fusion" or (spec.compose == "auto" and self.fusion is not None))
+        if fuse and self.fusion is None:
+            raise BadInput("compose: this service has no fusion head (set SERVICE_FUSION_HEAD), use sum or auto")
+        if fuse:
+            query = self.fusion.compose(image_vector, combine(term_vecs, weights))[0]
+        else:
+            query = combine(term_vecs, weights, image_vector, spec.image_weight)
+        page = run_search(snap.store, spec, query, rows_for=snap.rows_for, calibration=self.calibration,
                           limits=self.limits)
+        return replace(page, compose="fusion" if fuse else "sum")
 
     def search_specs(self, specs: Sequence[SearchSpec]) -> list[Page | BaseException]:
         """The text batcher's function: one encoder call for every term text of the batch, then each search. A bad
@@ -379,6 +395,7 @@ class Searcher:
             "generation": snap.generation,
             "loaded_at": snap.loaded_at,
             "calibrated": self.calibration is not None,
+            "fusion": self.fusion is not None,
             "query_cache": {"size": len(self.query_cache), "hits": self.query_cache.hits,
                             "misses": self.query_cache.misses},
             "thumb_cache": {"size": len(self.thumb_cache), "hits": self.thumb_cache.hits,

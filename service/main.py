@@ -79,6 +79,7 @@ def _lifespan(encoder: Encoder | None):
                     max_query_chars=cfg.max_query_chars, max_top_k=cfg.max_top_k,
                     max_image_pixels=cfg.max_image_pixels, max_offset=cfg.max_offset,
                     limits=Limits(max_sort_candidates=cfg.max_sort_candidates, hybrid_pool=cfg.hybrid_pool),
+                    fusion_head=cfg.fusion_head,
                 )
             )
         except Exception as exc:

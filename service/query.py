@@ -29,6 +29,7 @@ MAX_WEIGHT = 10.0
 
 Sort = Literal["score", "date_desc", "date_asc"]
 Mode = Literal["vector", "hybrid"]
+Compose = Literal["auto", "sum", "fusion"]
 
 _WEIGHT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+):(.*)$", re.S)
 
@@ -147,8 +148,9 @@ class SearchSpec:
     (an uploaded image travels beside the spec, with the same weight); ``exclude``: ids never returned (the query
     image itself). ``k`` results from ``offset``; ``min_score`` on the cosine, ``min_relevance`` on the calibrated
     probability; ``sort``: by score, or by ``taken_at`` among the hits that pass the thresholds; ``mode``: vector
-    only, or reciprocal-rank fusion of the vector ranking with BM25 over captions and path words. ``label``: the
-    query as the caller wrote it (echoed in the response).
+    only, or reciprocal-rank fusion of the vector ranking with BM25 over captions and path words. ``compose``: how an
+    image and texts make one query: ``sum`` (weighted sum), ``fusion`` (the trained fusion head), ``auto`` (the head
+    when the service has one and the query has both). ``label``: the query as the caller wrote it (echoed).
     """
 
     terms: tuple[Term, ...] = ()
@@ -161,5 +163,6 @@ class SearchSpec:
     filter: Filter = field(default_factory=Filter)
     sort: Sort = "score"
     mode: Mode = "vector"
+    compose: Compose = "auto"
     exclude: tuple[str, ...] = ()
     label: str | None = None

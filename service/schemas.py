@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from service.query import MAX_TERMS, MAX_WEIGHT, Filter, Mode, QuerySyntaxError, Sort, parse_query
+from service.query import MAX_TERMS, MAX_WEIGHT, Compose, Filter, Mode, QuerySyntaxError, Sort, parse_query
 from service.settings import (
     HARD_MAX_BATCH_QUERIES,
     HARD_MAX_EMBEDDING_INPUTS,
@@ -29,6 +29,9 @@ SortField: Any = Field("score", description="score: best first; date_desc / date
                   "min_relevance (at most max_sort_candidates of them) ordered by taken_at, undated last")
 ModeField: Any = Field("vector", description="vector: embeddings only; hybrid: reciprocal-rank fusion of the vector "
                   "ranking with BM25 keyword search over captions and path words")
+
+ComposeField: Any = Field("auto", description="image + text: sum (weighted sum of the embeddings), fusion (the "
+                         "service's trained fusion head), auto (the head when there is one)")
 
 #: The one-line hint for the query syntax (also on the page).
 SYNTAX_HINT = ("words are one phrase; -word or - words subtract, +word adds, 2:word weighs 2x; "
@@ -159,6 +162,7 @@ class SearchOptions(BaseModel):
     filter: SearchFilter | None = None
     sort: Sort = SortField
     mode: Mode = ModeField
+    compose: Compose = ComposeField
 
 
 class SearchRequest(SearchOptions):
@@ -252,6 +256,7 @@ class SearchResponse(BaseModel):
     next_offset: int | None = Field(None, description="offset of the next page; null at the end")
     sort: Sort = "score"
     mode: Mode = "vector"
+    compose: Literal["sum", "fusion"] = Field("sum", description="how the image and the texts were combined")
     results: list[SearchHit]
     took_ms: float
 
@@ -293,6 +298,7 @@ class StatsResponse(BaseModel):
     examples: list[str] = Field(default_factory=list, description="example queries for the web page")
     limits: dict[str, int]
     calibrated: bool = Field(False, description="hits carry a calibrated relevance (min_relevance works)")
+    fusion: bool = Field(False, description="a trained fusion head composes image + text queries")
     default_min_relevance: float | None = Field(
         None, description="the page hides hits below this relevance by default (None: not calibrated)")
     syntax_hint: str = Field(SYNTAX_HINT, description="the query syntax in one line")

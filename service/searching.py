@@ -46,6 +46,7 @@ class Page:
 
     hits: list[Hit]
     next_offset: int | None
+    compose: str = "sum"
 
 
 @dataclass(frozen=True)

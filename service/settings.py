@@ -42,6 +42,9 @@ class ServiceSettings(BaseSettings):
     image_root: Path | None = Field(
         default=None, description="image folder; default: the manifest's build.source_root"
     )
+    fusion_head: Path | None = Field(
+        default=None, description="fusion head checkpoint (python -m trainer fusion) for image + text queries"
+    )
 
     # micro-batching of text (and image) encoding
     batching: bool = Field(

@@ -1,4 +1,4 @@
-"""Command line: ``python -m trainer features|train|eval`` (also installed as ``retrieval-train``).
+"""Command line: ``python -m trainer features|train|fusion|eval`` (also installed as ``retrieval-train``).
 
 ``train`` flags map one to one onto :class:`~trainer.config.TrainerSettings` fields (``--batch-size`` ->
 ``batch_size``); unset flags fall back to ``TRAINER_*`` environment variables, then the defaults.
@@ -17,6 +17,7 @@ from typing import Any
 from retrieval.cli_flags import add_settings_flags, settings_from_flags
 from retrieval.errors import RetrievalError
 from trainer.config import TrainerSettings
+from trainer.fusion import add_fusion_parser, cmd_fusion
 
 log = logging.getLogger("trainer")
 
@@ -44,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train projection heads on cached features")
     add_settings_flags(t, TrainerSettings)
+
+    add_fusion_parser(sub)
 
     e = sub.add_parser("eval", help="retrieval metrics + plots on a split or captions file")
     e.add_argument("--data", required=True)
@@ -138,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                 brief["dev"] = {d: {k: round(rep["best_dev_metrics"][d][k], 2) for k in ("R@1", "R@5", "R@10")}
                                 for d in ("t2i", "i2t")}
             print(json.dumps(brief, indent=2))
+        elif ns.command == "fusion":
+            rep = cmd_fusion(ns)
+            print(json.dumps({k: rep[k] for k in ("encoder", "train_triplets", "dev_triplets", "dev",
+                                                  "dev_baselines", "sha256")}, indent=2))
         else:
             from trainer.evaluate import run_eval, summary_table
 

@@ -30,6 +30,7 @@ def to_response(request: Request, page: Any, spec: SearchSpec, took_ms: float) -
         next_offset=page.next_offset,
         sort=spec.sort,
         mode=spec.mode,
+        compose=page.compose,
         took_ms=round(took_ms, 3),
         results=[
             SearchHit(

@@ -62,7 +62,7 @@ async def stats(state: ReadyState) -> StatsResponse:
     s = state.searcher.stats()
     cfg = state.settings
     return StatsResponse(
-        **{k: v for k, v in s.items() if k not in ("query_cache", "thumb_cache", "calibrated")},
+        **{k: v for k, v in s.items() if k not in ("query_cache", "thumb_cache", "calibrated", "fusion")},
         query_cache=CacheStats(**s["query_cache"]),
         thumb_cache=CacheStats(**s["thumb_cache"]),
         text_queue=_queue(state, "text"),
@@ -77,5 +77,6 @@ async def stats(state: ReadyState) -> StatsResponse:
             "max_offset": cfg.max_offset,
         },
         calibrated=bool(s.get("calibrated")),
+        fusion=bool(s.get("fusion")),
         default_min_relevance=cfg.default_min_relevance if s.get("calibrated") else None,
     )

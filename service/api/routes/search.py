@@ -17,11 +17,12 @@ from retrieval.errors import BadImage, BadInput
 from service.api.deps import ItemId, ReadyState, ServiceState, require_search_key
 from service.api.routes._common import to_response
 from service.errors import PayloadTooLarge
-from service.query import Filter, Mode, SearchSpec, Sort, Term, parse_query
+from service.query import Compose, Filter, Mode, SearchSpec, Sort, Term, parse_query
 from service.schemas import (
     SYNTAX_HINT,
     BatchSearchRequest,
     BatchSearchResponse,
+    ComposeField,
     ErrorResponse,
     ImageSearchOptions,
     MinRelevance,
@@ -65,6 +66,7 @@ class SearchParams(BaseModel):
     min_relevance: float | None = MinRelevance
     sort: Sort = SortField
     mode: Mode = ModeField
+    compose: Compose = ComposeField
     path_prefix: str | None = Field(None, min_length=1, max_length=1024)
     taken_after: When | None = Field(None, description="taken at or after (ISO 8601 date or date-time)")
     taken_before: When | None = Field(None, description="taken before (a date: before the end of that day)")
@@ -90,7 +92,7 @@ class SearchParams(BaseModel):
         body: dict[str, Any] = {
             "terms": terms or None, "image_id": self.image_id, "image_weight": self.image_weight, "top_k": self.top_k,
             "offset": self.offset, "min_score": self.min_score, "min_relevance": self.min_relevance,
-            "sort": self.sort, "mode": self.mode, "filter": flt or None,
+            "sort": self.sort, "mode": self.mode, "compose": self.compose, "filter": flt or None,
         }
         try:
             if need_something:
@@ -122,7 +124,7 @@ def to_spec(state: ServiceState, opts: SearchOptions, query: str | None, *, imag
         terms=tuple(terms), image_id=image_id or opts.image_id, image_weight=opts.image_weight,
         k=_k(state, opts.top_k), offset=opts.offset, min_score=opts.min_score, min_relevance=opts.min_relevance,
         filter=opts.filter.to_filter() if opts.filter is not None else Filter(), sort=opts.sort, mode=opts.mode,
-        label=query,
+        compose=opts.compose, label=query,
     )
 
 
@@ -177,8 +179,8 @@ async def search_image(
     state: ReadyState,
     file: Annotated[UploadFile, File(description="a JPEG, PNG, WebP, GIF, BMP or TIFF image")],
     options: Annotated[str | None, Form(alias="request", max_length=64 * 1024, description=(
-        "JSON with the search options (query, terms, image_weight, top_k, offset, min_score, min_relevance, "
-        'filter, sort, mode), e.g. {"query": "in snow", "image_weight": 1}'))] = None,
+        "JSON with the search options (query, terms, image_weight, compose, top_k, offset, min_score, "
+        'min_relevance, filter, sort, mode), e.g. {"query": "in snow", "image_weight": 1}'))] = None,
     top_k: Annotated[int | None, Query(ge=1, le=HARD_MAX_TOP_K, description="overrides the request's top_k")] = None,
     min_score: Annotated[float | None, Query(ge=-1.0, le=1.0, description="overrides the request's min_score")] = None,
 ) -> SearchResponse:
