@@ -99,7 +99,9 @@ def test_search_page(server, tmp_path: Path):
             page.wait_for_function("document.getElementById('status').textContent.includes('image “')")
             assert page.locator(".card").first.get_attribute("data-id") == ids[5]
 
-            # a blank query gives a message, not a request
+            # the upload stays as the query's image until cleared; then a blank query gives a message, not a request
+            assert page.is_visible("#image-chip")
+            page.click("#image-chip-clear")
             page.fill("#q", "   ")
             page.click("#go")
             assert "Type something" in page.inner_text("#status")
