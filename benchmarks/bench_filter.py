@@ -47,18 +47,20 @@ def cpu_line() -> str:
 
         return str(cpu_info().describe())
     except ImportError:
-        model, flags = platform.processor() or "unknown CPU", set()
+        fields: dict[str, str] = {}
         try:
             for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name") and model in ("", "unknown CPU", platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
+                if not line.strip():
                     break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
         except OSError:
             pass
+        flags = set(fields.get("flags", "").split())
         isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
-        return f"{model}: {', '.join(isa) or 'flags unknown'}; {os.cpu_count()} cores"
+        return (f"{fields.get('model name', platform.processor() or 'unknown CPU')} (family "
+                f"{fields.get('cpu family', '?')} model {fields.get('model', '?')}): "
+                f"{', '.join(isa) or 'flags unknown'}; {os.cpu_count()} cores")
 
 
 def synthetic_meta(n: int, seed: int = 0) -> list[dict]:
@@ -68,7 +70,8 @@ def synthetic_meta(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     secs = SECONDS_2010 + rng.integers(0, SPAN_S, n)
     folders = rng.integers(0, 100, n)
-    return [{"id": f"f{f:02d}/{i:07d}.jpg", "taken_at": datetime.fromtimestamp(int(s), UTC).strftime("%Y-%m-%dT%H:%M:%S")}
+    fmt = "%Y-%m-%dT%H:%M:%S"
+    return [{"id": f"f{f:02d}/{i:07d}.jpg", "taken_at": datetime.fromtimestamp(int(s), UTC).strftime(fmt)}
             for i, (s, f) in enumerate(zip(secs, folders, strict=True))]
 
 

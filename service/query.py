@@ -22,6 +22,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Literal
 
+from retrieval.filter_spec import MetaFilter
+
 #: Most terms one query may have (text terms from the syntax plus the ``terms`` list).
 MAX_TERMS = 16
 #: Largest absolute weight of a term or of the image.
@@ -127,20 +129,6 @@ def positive_text(terms: list[Term]) -> str:
 
 
 @dataclass(frozen=True)
-class Filter:
-    """Metadata conditions (see :class:`retrieval.index.metadata.MetaFilter`); dates already normalized to
-    ``YYYY-MM-DDTHH:MM:SS`` with ``taken_after`` inclusive and ``taken_before`` exclusive."""
-
-    path_prefix: str | None = None
-    taken_after: str | None = None
-    taken_before: str | None = None
-    camera: str | None = None
-    text: str | None = None
-    ids: tuple[str, ...] | None = None
-    exclude_ids: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
 class SearchSpec:
     """One search: what to look for, where, and which page of the answer.
 
@@ -160,7 +148,7 @@ class SearchSpec:
     offset: int = 0
     min_score: float | None = None
     min_relevance: float | None = None
-    filter: Filter = field(default_factory=Filter)
+    filter: MetaFilter = field(default_factory=MetaFilter)
     sort: Sort = "score"
     mode: Mode = "vector"
     compose: Compose = "auto"

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from service.query import MAX_TERMS, MAX_WEIGHT, Compose, Filter, Mode, QuerySyntaxError, Sort, parse_query
+from retrieval.filter_spec import MetaFilter
+from service.query import MAX_TERMS, MAX_WEIGHT, Compose, Mode, QuerySyntaxError, Sort, parse_query
 from service.settings import (
     HARD_MAX_BATCH_QUERIES,
     HARD_MAX_EMBEDDING_INPUTS,
@@ -117,8 +118,8 @@ class SearchFilter(BaseModel):
         """``taken_before`` as ``YYYY-MM-DDTHH:MM:SS`` (exclusive; a bare date: the next midnight)."""
         return _iso(self.taken_before, end_of_day=True)
 
-    def to_filter(self) -> Filter:
-        return Filter(path_prefix=self.path_prefix, taken_after=self.after_iso(), taken_before=self.before_iso(),
+    def to_filter(self) -> MetaFilter:
+        return MetaFilter(path_prefix=self.path_prefix, taken_after=self.after_iso(), taken_before=self.before_iso(),
                       camera=self.camera, text=self.text, ids=tuple(self.ids) if self.ids is not None else None,
                       exclude_ids=tuple(self.exclude_ids) if self.exclude_ids else None)
 

@@ -8,7 +8,7 @@ thread and the tests can check them against hand-built indexes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ import numpy as np
 from retrieval.calibration import Calibration
 from retrieval.errors import BadInput, BadQuery
 from retrieval.index import IndexStore, MetaFilter, filtered_search, score_rows
-from service.query import Filter, SearchSpec, positive_text
+from service.query import SearchSpec, positive_text
 
 #: Reciprocal-rank fusion constant (Cormack et al. 2009): a hit at rank r adds 1 / (RRF_K + r) per ranking.
 RRF_K = 60
@@ -76,11 +76,11 @@ def combine(term_vectors: np.ndarray, weights: Sequence[float], image_vector: np
     return v / norm
 
 
-def to_meta_filter(flt: Filter, exclude: Sequence[str] = ()) -> MetaFilter:
-    """The library's filter for a spec's filter, with ``exclude`` (the query image) added to ``exclude_ids``."""
-    excluded = tuple(dict.fromkeys([*(flt.exclude_ids or ()), *exclude])) or None
-    return MetaFilter(path_prefix=flt.path_prefix, taken_after=flt.taken_after, taken_before=flt.taken_before,
-                      camera=flt.camera, text=flt.text, ids=flt.ids, exclude_ids=excluded)
+def to_meta_filter(flt: MetaFilter, exclude: Sequence[str] = ()) -> MetaFilter:
+    """``flt`` with ``exclude`` (the query image) added to its ``exclude_ids``."""
+    if not exclude:
+        return flt
+    return replace(flt, exclude_ids=tuple(dict.fromkeys([*(flt.exclude_ids or ()), *exclude])))
 
 
 def hit_metadata(meta: dict[str, Any]) -> dict[str, Any]:

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import base64
 import os
-import threading
-import time
 from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from test_service_browser import ARGS, CHROMIUM, _free_port
+from service_support import serving
+from test_service_browser import ARGS, CHROMIUM
 
 from retrieval.file_facts import EXIF_IFD, TAG_DATETIME_ORIGINAL
 from service.main import create_app
@@ -51,8 +50,6 @@ def _photos(root: Path) -> list[str]:
 def site(tmp_path_factory, tiny_clip_spec, tiny_encoder):
     """The page over an indexed collection, served by uvicorn; the encoder carries a calibration centred on the
     median score of the test query, so about half the hits fall under the default relevance threshold."""
-    import uvicorn
-
     from indexer.local_engine import LocalEngine
     from indexer.pipeline import build_index
     from indexer.settings import IndexerSettings
@@ -71,18 +68,8 @@ def site(tmp_path_factory, tiny_clip_spec, tiny_encoder):
     settings = IndexerSettings(batch_size=8, workers=0, progress=False)
     build_index(root / "photos", root / "idx", settings, engine=LocalEngine(encoder, settings))
     app = create_app(ServiceSettings(index_dir=root / "idx", warmup=False, access_log=False), encoder=encoder)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", root, ids
-    srv.should_exit = True
-    thread.join(10)
+    with serving(app) as base:
+        yield base, root, ids
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import pytest
 
 from retrieval.calibration import Calibration
 from retrieval.errors import BadInput, BadQuery
+from retrieval.filter_spec import MetaFilter
 from retrieval.index import IndexStore, write_index
-from service.query import Filter, SearchSpec, Term
+from service.query import SearchSpec, Term
 from service.searching import RRF_K, Limits, combine, hit_metadata, run_search
 
 D = 8
@@ -72,16 +73,17 @@ def test_vector_ranking_and_pages(store):
 
 
 def test_filters_and_exclusion(store):
-    page = run_search(store, SearchSpec(k=4, filter=Filter(path_prefix="b/")), E0)
+    page = run_search(store, SearchSpec(k=4, filter=MetaFilter(path_prefix="b/")), E0)
     assert ids(page) == row_ids([10, 11, 12, 13]) and page.next_offset == 4
-    page = run_search(store, SearchSpec(k=20, filter=Filter(camera="canon", taken_after="2010-01-01T00:00:00")), E0)
+    page = run_search(store, SearchSpec(k=20, filter=MetaFilter(camera="canon", taken_after="2010-01-01T00:00:00")), E0)
     want = [i for i in range(20) if i % 2 and i not in (3, 11) and 2000 + (i * 7) % 20 >= 2010]
     assert ids(page) == row_ids(want)
-    page = run_search(store, SearchSpec(k=3, exclude=(row_ids([0])[0],), filter=Filter(exclude_ids=row_ids([1]))), E0)
+    spec = SearchSpec(k=3, exclude=(row_ids([0])[0],), filter=MetaFilter(exclude_ids=tuple(row_ids([1]))))
+    page = run_search(store, spec, E0)
     assert ids(page) == row_ids([2, 3, 4])
-    page = run_search(store, SearchSpec(k=3, filter=Filter(text="kayak")), E0)
+    page = run_search(store, SearchSpec(k=3, filter=MetaFilter(text="kayak")), E0)
     assert ids(page) == row_ids([15, 16, 17])
-    assert run_search(store, SearchSpec(k=3, filter=Filter(path_prefix="zzz/")), E0).hits == []
+    assert run_search(store, SearchSpec(k=3, filter=MetaFilter(path_prefix="zzz/")), E0).hits == []
 
 
 def test_min_score_cuts_and_next_offset_respects_it(store):
@@ -129,7 +131,7 @@ def test_hybrid_needs_words_and_respects_filters(store):
     with pytest.raises(BadInput, match="mode"):
         run_search(store, SearchSpec(terms=(Term("x", -1.0),), mode="hybrid"), E0)
     page = run_search(store, SearchSpec(terms=(Term("kayak"),), k=20, mode="hybrid",
-                                        filter=Filter(camera="sony")), E0)
+                                        filter=MetaFilter(camera="sony")), E0)
     assert all(int(h.id[-6:-4]) % 2 == 0 for h in page.hits) and len(page.hits) == 10
 
 

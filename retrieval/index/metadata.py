@@ -27,7 +27,6 @@ import re
 import sqlite3
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,9 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import BadInput, IndexCorrupt
+from retrieval.filter_spec import MetaFilter
+
+__all__ = ["MetaDB", "MetaFilter", "normalize_datetime", "where_clause", "write_meta_db"]
 
 META_DB_SCHEMA = 1
 #: Connections opened per database (concurrent readers; each is a file descriptor on the snapshot's file).
@@ -162,32 +164,6 @@ def write_meta_db(metadata: Sequence[dict[str, Any]], target: Path) -> None:
         raise BadInput(f"duplicate ids in the metadata ({exc})") from exc
     finally:
         con.close()
-
-
-@dataclass(frozen=True)
-class MetaFilter:
-    """Which rows a search may return; every given condition must hold (None: no condition).
-
-    ``path_prefix``: the relative path starts with it (``"2019/"`` = everything under the folder 2019).
-    ``taken_after`` (inclusive) / ``taken_before`` (exclusive): normalized ISO date-times (:func:`normalize_datetime`);
-    rows without ``taken_at`` fail them. ``camera``: case-insensitive substring of "make model". ``text``: every word
-    appears in the captions or the path (FTS5). ``ids``: only these; ``exclude_ids``: never these.
-    """
-
-    path_prefix: str | None = None
-    taken_after: str | None = None
-    taken_before: str | None = None
-    camera: str | None = None
-    text: str | None = None
-    ids: tuple[str, ...] | None = None
-    exclude_ids: tuple[str, ...] | None = None
-
-    def is_empty(self) -> bool:
-        return all(getattr(self, f) is None for f in self.__dataclass_fields__)
-
-    def key(self) -> tuple[Any, ...]:
-        """Hashable, for caches."""
-        return tuple(getattr(self, f) for f in self.__dataclass_fields__)
 
 
 def _like_escape(text: str) -> str:

@@ -14,10 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from retrieval.errors import BadImage, BadInput
+from retrieval.filter_spec import MetaFilter
 from service.api.deps import ItemId, ReadyState, ServiceState, require_search_key
 from service.api.routes._common import to_response
 from service.errors import PayloadTooLarge
-from service.query import Compose, Filter, Mode, SearchSpec, Sort, Term, parse_query
+from service.query import Compose, Mode, SearchSpec, Sort, Term, parse_query
 from service.schemas import (
     SYNTAX_HINT,
     BatchSearchRequest,
@@ -123,7 +124,7 @@ def to_spec(state: ServiceState, opts: SearchOptions, query: str | None, *, imag
     return SearchSpec(
         terms=tuple(terms), image_id=image_id or opts.image_id, image_weight=opts.image_weight,
         k=_k(state, opts.top_k), offset=opts.offset, min_score=opts.min_score, min_relevance=opts.min_relevance,
-        filter=opts.filter.to_filter() if opts.filter is not None else Filter(), sort=opts.sort, mode=opts.mode,
+        filter=opts.filter.to_filter() if opts.filter is not None else MetaFilter(), sort=opts.sort, mode=opts.mode,
         compose=opts.compose, label=query,
     )
 
