@@ -282,3 +282,10 @@ def test_brute_force_and_score_rows_agree(index_of):
     np.testing.assert_allclose(score_rows(store, q, rows), q @ x[rows].T, atol=tol)
     s, r = brute_force(store, q, 4, rows)
     assert np.isin(r, rows).all() and (np.diff(s, axis=1) <= 0).all()
+
+
+def test_ranking_ignores_stopwords_unless_nothing_else_is_left(db):
+    assert fts_terms("a dog on the beach", drop_stopwords=True) == ['"dog"', '"beach"']
+    assert fts_terms("the a", drop_stopwords=True) == ['"the"', '"a"']
+    assert fts_terms("dog dog") == ['"dog"']
+    assert db.text_rank("a picture of the number 33", 3)[0][0] == 33

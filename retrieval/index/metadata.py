@@ -91,9 +91,18 @@ def folder_of(path: str) -> str:
     return path[:cut] if cut > 0 else ""
 
 
-def fts_terms(text: str) -> list[str]:
-    """The words of ``text`` as FTS5 string literals (quoted, so no word is read as an operator)."""
-    return ['"' + w.replace('"', '""') + '"' for w in _WORD.findall(text.lower())]
+#: Words too common to rank by (they match most captions, and BM25 would walk all of those rows for nothing).
+STOPWORDS = frozenset({"a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "in", "is", "it", "its", "of",
+                       "on", "or", "the", "to", "with"})
+
+
+def fts_terms(text: str, *, drop_stopwords: bool = False) -> list[str]:
+    """The words of ``text`` as FTS5 string literals (quoted, so no word is read as an operator). With
+    ``drop_stopwords``, :data:`STOPWORDS` go unless nothing else is left."""
+    words = _WORD.findall(text.lower())
+    if drop_stopwords:
+        words = [w for w in words if w not in STOPWORDS] or words
+    return ['"' + w.replace('"', '""') + '"' for w in dict.fromkeys(words)]
 
 
 _ISO_SECONDS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
@@ -337,7 +346,7 @@ class MetaDB:
     def text_rank(self, text: str, limit: int, flt: MetaFilter | None = None) -> list[tuple[int, float]]:
         """Up to ``limit`` (row, BM25 score) pairs whose captions or path contain any word of ``text``, best first
         (FTS5 ``bm25``: lower is better), restricted to rows passing ``flt``. ``[]`` when ``text`` has no words."""
-        terms = fts_terms(text)
+        terms = fts_terms(text, drop_stopwords=True)
         if not terms or limit < 1:
             return []
         where, params = where_clause(flt or MetaFilter())
