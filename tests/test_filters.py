@@ -289,3 +289,18 @@ def test_ranking_ignores_stopwords_unless_nothing_else_is_left(db):
     assert fts_terms("the a", drop_stopwords=True) == ['"the"', '"a"']
     assert fts_terms("dog dog") == ['"dog"']
     assert db.text_rank("a picture of the number 33", 3)[0][0] == 33
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_stored_matrix_is_the_index_vectors(tmp_path, mmap):
+    from retrieval.index.filters import stored_matrix
+
+    x = unit(50, 32)
+    for key in ("Flat", "HNSW8", "IVF2,Flat"):
+        write_index(tmp_path / key, x, photo_meta(50), encoder_identity=IDENT, encoder_label="t", index_key=key)
+        store = IndexStore.open(tmp_path / key, mmap=mmap)
+        m = stored_matrix(store.index)
+        if key == "IVF2,Flat":
+            assert m is None
+        else:
+            np.testing.assert_array_equal(m, x)
