@@ -310,15 +310,6 @@ class Searcher:
                     results[i] = exc
         return results
 
-    def similar(self, item_id: str, spec: SearchSpec | None = None) -> Page:
-        """Nearest neighbours of an indexed item (the item itself left out), with the options of ``spec``.
-        Raises UnknownId. Encodes nothing unless ``spec`` has terms."""
-        spec = replace(spec or SearchSpec(), image_id=item_id)
-        result = self.search_specs([spec])[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
     # -- files -----------------------------------------------------------------------------------------------------
     def image_path(self, item_id: str) -> Path:
         """The image file of an indexed id. Only ids in the index are served, and the resolved path must lie
