@@ -157,6 +157,7 @@ class Searcher:
     # -- index lifecycle -----------------------------------------------------------------------------------------
     def _open(self, index_dir: Path) -> Snapshot:
         store = IndexStore.open(index_dir, expected_encoder=self.identity, mmap=self.mmap, gpu=None)
+        store.meta.dates()  # the date index of the filters, read now rather than by the first dated query
         root = self.image_root_override
         if root is None:
             src = (store.manifest.build or {}).get("source_root")
