@@ -304,3 +304,19 @@ def test_stored_matrix_is_the_index_vectors(tmp_path, mmap):
             assert m is None
         else:
             np.testing.assert_array_equal(m, x)
+
+
+@pytest.mark.parametrize(("after", "before"), [("2013-01-01T00:00:00", None), (None, "2012-06-15T12:00:00"),
+                                               ("2011-02-15T12:00:00", "2017-12-15T12:00:00"),
+                                               ("2030-01-01T00:00:00", None)])
+def test_the_date_index_agrees_with_sql(db, after, before):
+    from retrieval.index.metadata import where_clause
+
+    flt = MetaFilter(taken_after=after, taken_before=before)
+    where, params = where_clause(flt)
+    sql = np.sort(db._rows_of(f"SELECT group_concat(row) FROM items WHERE {where}", params))
+    assert db.select(flt).tolist() == sql.tolist()
+    with_text = MetaFilter(taken_after=after, taken_before=before, text="dog")
+    where, params = where_clause(with_text)
+    sql = np.sort(db._rows_of(f"SELECT group_concat(row) FROM items WHERE {where}", params))
+    assert db.select(with_text).tolist() == sql.tolist()
