@@ -198,10 +198,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", default="real,1m", help="comma-separated: real, 1m")
     p.add_argument("--synthetic-n", type=int, default=1_000_000)
     p.add_argument("--queries", type=int, default=50)
+    p.add_argument("--faiss-threads", type=int, help="faiss's OpenMP threads (default: faiss's own, = cores); 1 avoids "
+                   "OpenMP spin-waits fighting other processes on a busy machine")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_filter.json")
     args = p.parse_args(argv)
     configure_faiss()
-    cpu = cpu_line()
+    if args.faiss_threads:
+        import faiss
+
+        faiss.omp_set_num_threads(args.faiss_threads)
+    cpu = cpu_line() + (f"; faiss threads {args.faiss_threads}" if args.faiss_threads else "")
     print(cpu, flush=True)
     rows: list[dict] = []
     sizes = args.sizes.split(",")
