@@ -197,6 +197,7 @@ def test_filtered_top_k_equals_brute_force_on_the_subset(index_of, fraction, mon
     key, store, x = index_of
     # force the selector path for every subset larger than the brute-force cut-off used here
     monkeypatch.setattr(filters_mod, "BRUTE_FORCE_MAX_ROWS", 16)
+    monkeypatch.setattr(filters_mod, "IVF_BRUTE_FORCE_MAX_ROWS", 16)
     rows = _subset(fraction)
     q = unit(8, 32, seed=9)
     k = 10
@@ -238,6 +239,7 @@ def test_filtered_recall_with_default_effort_matches_the_index(index_of, fractio
     """With the index's own nprobe / efSearch the filtered search is as good as its unfiltered search."""
     _key, store, x = index_of
     monkeypatch.setattr(filters_mod, "BRUTE_FORCE_MAX_ROWS", 16)
+    monkeypatch.setattr(filters_mod, "IVF_BRUTE_FORCE_MAX_ROWS", 16)
     rows = _subset(fraction, seed=2)
     q = unit(100, 32, seed=4)
 
@@ -320,3 +322,15 @@ def test_the_date_index_agrees_with_sql(db, after, before):
     where, params = where_clause(with_text)
     sql = np.sort(db._rows_of(f"SELECT group_concat(row) FROM items WHERE {where}", params))
     assert db.select(with_text).tolist() == sql.tolist()
+
+
+def test_small_subsets_of_ivf_indexes_are_scored_exactly(index_of):
+    """Below IVF_BRUTE_FORCE_MAX_ROWS an IVF index answers from its stored vectors: the exact top-k (what its
+    nprobe would miss for a small subset)."""
+    _, store, _ = index_of
+    rows = _subset(0.3, seed=7)
+    q = unit(5, 32, seed=11)
+    _, got = filtered_search(store, q, 10, rows)
+    exact = q @ store.vectors(rows).T
+    for i in range(len(q)):
+        assert set(got[i]) == set(rows[np.argsort(-exact[i])[:10]])
