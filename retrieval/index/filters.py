@@ -37,6 +37,8 @@ IVF_BRUTE_FORCE_MAX_ROWS = 32768
 HNSW_MIN_SELECTIVITY = 0.05
 #: Rows scored per matmul block in brute force (bounds the temporary ``(q, block)`` score matrix).
 BRUTE_FORCE_BLOCK = 65536
+#: Up to this many queries, subset scores come from ``np.einsum`` rather than BLAS (see :func:`score_rows`).
+EINSUM_MAX_QUERIES = 4
 
 
 def _queries(store: IndexStore, queries: np.ndarray) -> np.ndarray:
@@ -78,7 +80,10 @@ def score_rows(store: IndexStore, queries: np.ndarray, rows: np.ndarray) -> np.n
     for start in range(0, len(rows), BRUTE_FORCE_BLOCK):
         block = rows[start:start + BRUTE_FORCE_BLOCK]
         vecs = matrix[block] if matrix is not None else store.vectors(block)
-        out[:, start:start + len(block)] = q @ vecs.T
+        # A few queries: numpy's own loop. BLAS would start its thread team for a matrix-vector product, which on a
+        # busy 2-core machine costs 3-12 ms instead of 0.4 ms (4,000 x 256).
+        scores = np.einsum("qd,md->qm", q, vecs) if len(q) <= EINSUM_MAX_QUERIES else q @ vecs.T
+        out[:, start:start + len(block)] = scores
     return out
 
 
