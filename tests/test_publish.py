@@ -269,3 +269,17 @@ def test_write_index_and_read_faiss_unchanged_round_trip(tmp_path):
     write_index(tmp_path / "i", x, meta(20), encoder_identity=IDENT, encoder_label=LABEL)
     assert read_faiss(tmp_path / "i", mmap=True).ntotal == 20
     assert json.loads((tmp_path / "i" / "manifest.json").read_text())["count"] == 20
+
+
+def test_nlist_of_answers_for_indexes_and_raises_for_anything_else():
+    """Before: ``except Exception`` turned any error (a wrong argument, a faiss failure) into "not IVF"."""
+    import faiss
+
+    from retrieval.index.faiss_ops import nlist_of
+
+    assert nlist_of(faiss.index_factory(8, "PCA4,IVF2,Flat")) == 2
+    assert nlist_of(faiss.index_factory(8, "IVF3,PQ2x4")) == 3
+    assert nlist_of(faiss.index_factory(8, "Flat")) is None
+    assert nlist_of(faiss.index_factory(8, "HNSW8")) is None
+    with pytest.raises(TypeError):
+        nlist_of("IVF2,Flat")

@@ -44,11 +44,10 @@ def train_size(n: int, nlist: int) -> int:
 
 
 def nlist_of(index: Any) -> int | None:
-    """The number of inverted lists of an IVF index (also behind a pre-transform); None for other types."""
-    try:
-        return int(faiss.extract_index_ivf(index).nlist)
-    except Exception:  # not an IVF index
-        return None
+    """The number of inverted lists of an IVF index (also behind a pre-transform); None for other index types.
+    Anything that is not a faiss index raises (TypeError), never passes for "not IVF"."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return None if ivf is None else int(ivf.nlist)
 
 
 def build_faiss(vectors: np.ndarray, index_key: str, seed: int = 1234) -> tuple[Any, dict[str, Any]]:
