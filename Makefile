@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint bench bench-index bench-train bench-service bench-ray serve clean
+.PHONY: setup demo test lint chaos bench bench-index bench-train bench-service bench-ray serve clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -34,6 +34,11 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
+
+## The crash harness's long run: SIGKILL at every file-system event of build/rebuild/add/remove, ENOSPC at every
+## write, timed kills, a file-size limit and (as root) a small tmpfs; the suite runs a seeded sample of it.
+chaos: setup
+	nice -n 10 $(PY) -m tests.chaos --seed $${SEED:-0}
 
 bench: bench-index bench-train bench-service bench-ray
 

@@ -30,10 +30,11 @@ from tqdm import tqdm
 
 from indexer.settings import IndexerSettings
 from indexer.shards import ShardStore
+from retrieval.atomic import folder_lock
 from retrieval.datasets import ImageRecord, load_dataset, scan_images
 from retrieval.encoders.spec import EncoderSpec
 from retrieval.errors import BadInput
-from retrieval.index import Manifest, add_to_index, write_index
+from retrieval.index import IndexStore, Manifest, add_to_index, applied_job, write_index
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,11 @@ def add_images(
     if not metadata:
         store.discard()
         raise BadInput("none of the images could be encoded: " + "; ".join(f"{i}: {r}" for i, r in skipped[:5]))
-    manifest = add_to_index(index_dir, vectors, metadata, encoder_identity=engine.identity(), skipped=skipped)
+    with folder_lock(index_dir):
+        if store.job and applied_job(index_dir) == store.job:  # published by a run killed before it cleaned up
+            manifest = IndexStore.open(index_dir).manifest
+        else:
+            manifest = add_to_index(index_dir, vectors, metadata, encoder_identity=engine.identity(),
+                                    skipped=skipped, job=store.job)
     store.discard()
     return manifest, skipped

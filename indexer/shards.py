@@ -2,7 +2,9 @@
 
 Files in the work folder (``OUT.partial/``)::
 
-    state.json          {"encoder": identity, "source_root": path}: a resume with another encoder or source is refused
+    state.json          {"encoder": identity, "source_root": path, "job": id}: a resume with another encoder or
+                        source is refused; ``job`` names this job (an update records it in the manifest it
+                        publishes, so a rerun after a kill between publishing and cleaning up knows it is done)
     shard-000000.npz    one committed shard: ``ids`` (n,) str, ``vectors`` (n, d) float32, ``meta`` (JSON text: the
                         n metadata rows), ``skipped`` (JSON text: [[id, reason], ...] of images that failed)
 
@@ -18,6 +20,7 @@ import io
 import json
 import logging
 import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,8 +60,11 @@ class ShardStore:
                 )
             if old.get("source_root") != str(root):
                 raise BadInput(f"{self.dir} holds a partial build of {old.get('source_root')}, not of {root}")
+            self.job: str = str(old.get("job") or "")
         else:
-            atomic_write_text(state_path, json.dumps({"encoder": encoder_identity, "source_root": str(root)}, indent=2))
+            self.job = uuid.uuid4().hex
+            atomic_write_text(state_path, json.dumps({"encoder": encoder_identity, "source_root": str(root),
+                                                      "job": self.job}, indent=2))
         self.encoder_identity = encoder_identity
         self.root = Path(root)
         self._next = len(self.shard_paths())

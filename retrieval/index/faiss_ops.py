@@ -124,5 +124,8 @@ def read_faiss(path: Path, *, mmap: bool) -> Any:
 
 
 def write_faiss(index: Any, folder: Path) -> None:
-    """Write ``index`` as ``folder/index.faiss``."""
-    faiss.write_index(index, str(folder / INDEX_FILE))
+    """Write ``index`` as ``folder/index.faiss`` through a Python file object, so that a failed write (a full disk,
+    a file-size limit) raises :class:`OSError`. faiss's own file writer only prints the error it finds when closing
+    and leaves a truncated file behind as if all went well."""
+    with open(folder / INDEX_FILE, "wb") as fh:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))  # type: ignore[attr-defined]
