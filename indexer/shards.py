@@ -2,9 +2,7 @@
 
 Files in the work folder (``OUT.partial/``)::
 
-    state.json          {"encoder": identity, "source_root": path, "job": id}: a resume with another encoder or
-                        source is refused; ``job`` names this job (an update records it in the manifest it
-                        publishes, so a rerun after a kill between publishing and cleaning up knows it is done)
+    state.json          {"encoder": identity, "source_root": path}: a resume with another encoder or source is refused
     shard-000000.npz    one committed shard: ``ids`` (n,) str, ``vectors`` (n, d) float32, ``meta`` (JSON text: the
                         n metadata rows), ``skipped`` (JSON text: [[id, reason], ...] of images that failed)
 
@@ -20,7 +18,6 @@ import io
 import json
 import logging
 import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,14 +57,12 @@ class ShardStore:
                 )
             if old.get("source_root") != str(root):
                 raise BadInput(f"{self.dir} holds a partial build of {old.get('source_root')}, not of {root}")
-            self.job: str = str(old.get("job") or "")
         else:
-            self.job = uuid.uuid4().hex
-            atomic_write_text(state_path, json.dumps({"encoder": encoder_identity, "source_root": str(root),
-                                                      "job": self.job}, indent=2))
+            atomic_write_text(state_path, json.dumps({"encoder": encoder_identity, "source_root": str(root)}, indent=2))
         self.encoder_identity = encoder_identity
         self.root = Path(root)
-        self._next = len(self.shard_paths())
+        # After the work folder was partly deleted (a kill while discarding it), numbers have gaps: never reuse one.
+        self._next = max((int(p.stem.split("-")[1]) + 1 for p in self.shard_paths()), default=0)
         self._ids: list[str] = []
         self._vectors: list[np.ndarray] = []
         self._meta: list[dict[str, Any]] = []

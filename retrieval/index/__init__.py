@@ -17,8 +17,7 @@ A published folder is immutable. Every write builds the complete new version in 
 in atomically (:func:`retrieval.atomic.atomic_folder`); readers therefore see the old version or the new one,
 never a mix, and an :class:`IndexStore` opened before the swap keeps reading its own version's files (it pins the
 folder and maps every file at open). Writers of one folder take turns (:func:`retrieval.atomic.folder_lock` around
-each read-modify-publish), so concurrent add/remove/sync lose nothing. An update records the id of the job that
-made it (``build["update_job"]``, :func:`applied_job`): a resumable job killed after publishing knows it is done.
+each read-modify-publish), so concurrent add/remove/sync lose nothing.
 
 Row ``i`` == FAISS id ``i`` keeps search results trivially mapped to ``ids[i]`` / ``metadata[i]``. Removal keeps
 the relative order of the remaining rows and rebuilds the index from the kept vectors (trained IVF/PQ indexes
@@ -31,13 +30,12 @@ from retrieval.index.choose import choose_index_key
 from retrieval.index.faiss_ops import configure_faiss, faiss_gpu_count
 from retrieval.index.manifest import Manifest, check_encoder, read_manifest
 from retrieval.index.store import IndexStore
-from retrieval.index.write import add_to_index, applied_job, read_vectors, remove_from_index, write_index
+from retrieval.index.write import add_to_index, read_vectors, remove_from_index, write_index
 
 __all__ = [
     "IndexStore",
     "Manifest",
     "add_to_index",
-    "applied_job",
     "check_encoder",
     "choose_index_key",
     "configure_faiss",

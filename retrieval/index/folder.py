@@ -98,6 +98,8 @@ def map_vectors(path: Path, manifest: Manifest) -> np.ndarray:
         raise IndexCorrupt(f"cannot read {f}: {exc}") from exc
     if arr.shape != (manifest.count, manifest.dim):
         raise IndexCorrupt(f"{f} has shape {arr.shape}, manifest says ({manifest.count}, {manifest.dim})")
+    if arr.dtype not in (np.float16, np.float32):
+        raise IndexCorrupt(f"{f} holds {arr.dtype}, not float16/float32 vectors")
     return arr
 
 

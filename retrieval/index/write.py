@@ -76,12 +76,8 @@ def add_to_index(
     encoder_identity: dict[str, Any],
     on_existing: Literal["error", "skip", "replace"] = "error",
     skipped: Sequence[tuple[str, str]] = (),
-    job: str | None = None,
 ) -> Manifest:
     """Append rows to the index at ``path`` and rewrite it atomically.
-
-    ``job``: an id of the job making this change, recorded as ``build["update_job"]`` in the new manifest (see
-    :func:`applied_job`).
 
     ``skipped``: (id, reason) pairs of images this addition could not encode, merged into ``skipped.jsonl`` (ids
     that now have a row leave it).
@@ -93,17 +89,11 @@ def add_to_index(
     """
     path = Path(path)
     with folder_lock(path):  # no other writer between our read and our publish
-        return _add(path, vectors, metadata, encoder_identity, on_existing, skipped, job)
-
-
-def applied_job(path: str | Path) -> str | None:
-    """The ``job`` of the last update published at ``path`` (None when the last write recorded none)."""
-    job = IndexStore.open(path).manifest.build.get("update_job")
-    return str(job) if job else None
+        return _add(path, vectors, metadata, encoder_identity, on_existing, skipped)
 
 
 def _add(path: Path, vectors: np.ndarray, metadata: Sequence[dict[str, Any]], encoder_identity: dict[str, Any],
-         on_existing: str, skipped: Sequence[tuple[str, str]], job: str | None) -> Manifest:
+         on_existing: str, skipped: Sequence[tuple[str, str]]) -> Manifest:
     store, index, stored = _load_for_update(path)
     check_encoder(store.manifest, encoder_identity)
     vectors = validate_vectors(vectors, store.dim)
@@ -128,21 +118,13 @@ def _add(path: Path, vectors: np.ndarray, metadata: Sequence[dict[str, Any]], en
         if stored is not None:
             stored = np.concatenate([stored, vectors])
     all_meta = old_meta + meta
-    manifest = _updated(store.manifest, len(all_meta), job)
+    manifest = store.manifest.model_copy(update={"count": len(all_meta), "created_at": now_iso()})
     indexed = {m["id"] for m in all_meta}
     merged = dict(read_skipped(path))
     merged.update(skipped)
     commit_folder(path, index, all_meta, manifest, stored,
                   [(i, r) for i, r in merged.items() if i not in indexed])
     return manifest
-
-
-def _updated(manifest: Manifest, count: int, job: str | None) -> Manifest:
-    """The manifest of an updated version: new count and time, the updating job (or none) recorded."""
-    build = {k: v for k, v in manifest.build.items() if k != "update_job"}
-    if job:
-        build["update_job"] = job
-    return manifest.model_copy(update={"count": count, "created_at": now_iso(), "build": build})
 
 
 def _rebuild_without(store: IndexStore, index: Any, stored: np.ndarray | None, kept_rows: np.ndarray
@@ -184,7 +166,7 @@ def _remove(path: Path, wanted: list[str]) -> Manifest:
     kept_rows = np.array([r for r in range(store.count) if r not in drop], dtype=np.int64)
     index, stored = _rebuild_without(store, index, stored, kept_rows)
     meta = [store.metadata[r] for r in kept_rows]
-    manifest = _updated(store.manifest, len(meta), None)
+    manifest = store.manifest.model_copy(update={"count": len(meta), "created_at": now_iso()})
     commit_folder(path, index, meta, manifest, stored, read_skipped(path))
     return manifest
 
