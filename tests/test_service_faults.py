@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_support import jpeg_bytes
+from service_support import jpeg_bytes, running_app
 
 from retrieval.index import remove_from_index, write_index
 from service.settings import ServiceSettings
@@ -32,15 +32,9 @@ def anyio_backend():
 
 @asynccontextmanager
 async def app_client(settings: ServiceSettings, encoder: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with its lifespan; unlike ``running_app`` an unhandled error becomes the 500 a client would see
-    instead of an exception in the test."""
-    from service.main import create_app
-
-    app = create_app(settings, encoder=encoder)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1), raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as client:
-            yield client
+    """The app with its lifespan; an unhandled error becomes the 500 a client would see."""
+    async with running_app(settings, encoder, raise_app_exceptions=False) as (_, client):
+        yield client
 
 
 def _write(encoder: Any, out: Path, images: Path, identity: dict[str, Any] | None = None) -> list[str]:

@@ -38,6 +38,20 @@ class OpenClipText(TextBackbone):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
 
+    def token_limit(self) -> int | None:
+        limit = getattr(self.tokenizer, "context_length", None)
+        return int(limit) if limit else None
+
+    def token_count(self, text: str) -> int | None:
+        tok = self.tokenizer
+        if getattr(tok, "reduction_fn", None) is None and hasattr(tok, "sot_token_id") and hasattr(tok, "encode"):
+            return len(tok.encode(text)) + 2  # CLIP's BPE tokenizer: start + text + end
+        hf = getattr(tok, "tokenizer", None)  # open_clip's HFTokenizer (SigLIP, ...)
+        if hf is not None:
+            clean = getattr(tok, "clean_fn", None) or (lambda t: t)
+            return len(hf(clean(text))["input_ids"])
+        return None
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(tokens.to(next(self.model.parameters()).device))
 
