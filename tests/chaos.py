@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             for t in [rng.uniform(0, sc.seconds) for _ in range(args.timed)]:
                 attempt(lambda t=t, name=name: h.trial(name, "timer", t))
             if not args.no_tmpfs and os.geteuid() == 0:
-                for size in (48 << 10, 96 << 10, 160 << 10, 256 << 10):
+                for size in (12 << 10, 20 << 10, 28 << 10, 40 << 10, 64 << 10):
                     attempt(lambda size=size, name=name: tmpfs_trial(h, name, size))
     finally:
         h.close()
