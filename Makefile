@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint chaos bench bench-index bench-train bench-service bench-ray serve clean
+.PHONY: setup demo test lint chaos bench bench-index bench-train bench-service bench-uploads bench-ray serve clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -50,6 +50,9 @@ bench-train: setup
 
 bench-service: setup
 	$(PY) benchmarks/bench_service.py --data $(DATA)
+
+bench-uploads: setup
+	$(PY) benchmarks/bench_uploads.py --data $(DATA)
 
 bench-ray: setup
 	$(PY) benchmarks/bench_ray.py --data $(DATA)

@@ -193,8 +193,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(settings.log_level, settings.log_json)
     app = create_app(settings)
     # uvicorn uses httptools and uvloop when installed (C parser and loop instead of pure-Python h11 + asyncio).
+    # Trusted proxies: uvicorn rewrites the client address from X-Forwarded-For for the same peers the rate limiter
+    # trusts (left to uvicorn's own default, FORWARDED_ALLOW_IPS or 127.0.0.1, when none are configured).
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=30)
+                timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=30,
+                forwarded_allow_ips=settings.trusted_proxies or None)
 
 
 if __name__ == "__main__":
