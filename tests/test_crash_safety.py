@@ -9,6 +9,7 @@ none duplicated), count, vectors and skipped list as an uninterrupted run, and n
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,3 +99,15 @@ def _observe_or_raise(index: Path):
         return observe(index)
     except Exception as exc:
         raise AssertionError(f"the index folder is broken: {exc}") from exc
+
+
+def test_every_file_is_written_under_a_temporary_name(harness: Harness):
+    """Every writer goes through the one atomic helper: each file the commands open for writing is a hidden
+    temporary (``.NAME.tmp-XXXXXXXX.EXT``) or lies in a hidden temporary folder that is swapped in whole; the lock
+    file is the one exception (it holds no data)."""
+    temp = re.compile(r"(^|/)\.[^/]+\.tmp-[0-9a-f]{8}(\.[a-z]+)?(/|$)")
+    for name, sc in harness.scenarios.items():
+        writes = [rel for kind, rel in sc.events if kind == "open" and not rel.endswith(".lock")]
+        assert writes, name
+        in_place = [rel for rel in writes if not temp.search(rel)]
+        assert not in_place, (name, in_place)

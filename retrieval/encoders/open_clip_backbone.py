@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from retrieval import _torch_compat  # noqa: F401  (must run before anything imports torchvision)
+from retrieval.atomic import atomic_write_text
 from retrieval.encoders.backbones import ImageBackbone, TextBackbone
 from retrieval.encoders.spec import EncoderSpec
 from retrieval.errors import EncoderUnavailable
@@ -81,5 +82,5 @@ def register_open_clip_config(name: str, config: dict[str, Any], directory: str 
     import open_clip
 
     path = Path(directory) / f"{name}.json"
-    path.write_text(json.dumps(config))
+    atomic_write_text(path, json.dumps(config))
     open_clip.add_model_config(path)
