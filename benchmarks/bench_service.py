@@ -358,12 +358,17 @@ def table(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_index_args(p: argparse.ArgumentParser) -> None:
+    """The flags naming the data, the benchmark index and its encoder (shared with bench_uploads.py)."""
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "flickr8k")
     p.add_argument("--index", type=Path, default=REPO / "out" / "bench-flickr8k-index")
     p.add_argument("--encoder", default="default")
     p.add_argument("--limit", type=int, help="index only the first N images (quick trial runs; use another --index)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_index_args(p)
     p.add_argument("--concurrency", default="1,8,64")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="server's torch intra-op threads (SERVICE_TORCH_THREADS); 1 leaves the second core to HTTP and "

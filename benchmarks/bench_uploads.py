@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_service import Server, ensure_index, load_captions  # noqa: E402
+from bench_service import Server, add_index_args, ensure_index, load_captions  # noqa: E402
 
 MEGAPIXELS_40 = (7_300, 5_475)
 
@@ -122,10 +122,7 @@ def pct(xs: list[float], q: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "flickr8k")
-    p.add_argument("--index", type=Path, default=REPO / "out" / "bench-flickr8k-index")
-    p.add_argument("--encoder", default="default")
-    p.add_argument("--limit", type=int, help="index only the first N images (quick trial runs; use another --index)")
+    add_index_args(p)
     p.add_argument("--uploaders", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=4, help="concurrent text clients")
     p.add_argument("--requests", type=int, default=200, help="text queries per phase (split in two rounds)")
