@@ -59,7 +59,7 @@ lint: setup
 chaos: setup
 	nice -n 10 $(PY) -m tests.chaos --seed $${SEED:-0}
 
-bench: bench-index bench-train bench-service bench-ray
+bench: bench-index bench-train bench-service bench-uploads bench-ray
 
 bench-index: setup
 	$(PY) benchmarks/bench_index.py --data $(DATA)
