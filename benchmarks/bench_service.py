@@ -267,6 +267,7 @@ async def load_test(url: str, captions: list[str], ids: list[str], total: int, c
     statuses: Counter[int] = Counter()
     by_kind: dict[str, Counter[int]] = {}
     errors: Counter[str] = Counter()
+    latencies: list[float] = []
     queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
     for i, k in enumerate(plan):
         queue.put_nowait((i, k))
@@ -302,11 +303,13 @@ async def load_test(url: str, captions: list[str], ids: list[str], total: int, c
             while not queue.empty() and time.monotonic() < deadline:
                 i, kind = queue.get_nowait()
                 sent += 1
+                t_req = time.perf_counter()
                 try:
                     r = await one(i, kind)
                 except httpx.HTTPError as exc:
                     errors[type(exc).__name__] += 1
                     continue
+                latencies.append(time.perf_counter() - t_req)
                 answered += 1
                 statuses[r.status_code] += 1
                 by_kind.setdefault(kind, Counter())[r.status_code] += 1
@@ -334,6 +337,8 @@ async def load_test(url: str, captions: list[str], ids: list[str], total: int, c
         "client_errors": dict(errors),
         "seconds": wall,
         "rps": answered / wall,
+        "p50_ms": float(np.percentile(np.array(latencies) * 1000, 50)) if latencies else None,
+        "p99_ms": float(np.percentile(np.array(latencies) * 1000, 99)) if latencies else None,
         "concurrency": concurrency,
         "time_limit_s": time_limit,
     }
@@ -422,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n### Load test: {load['planned']} mixed requests, concurrency {load['concurrency']}, "
           f"limit {load['time_limit_s']:.0f} s\n")
     print(f"sent {load['sent']}, answered {load['answered']}, lost {load['lost']}, 5xx {load['server_errors_5xx']}, "
-          f"{load['rps']:.1f} req/s over {load['seconds']:.1f} s; statuses {load['statuses']}; "
+          f"{load['rps']:.1f} req/s over {load['seconds']:.1f} s, p50 {load['p50_ms']:.0f} ms, p99 "
+          f"{load['p99_ms']:.0f} ms; statuses {load['statuses']}; "
           f"ready afterwards: {ready_after == 200}")
     print(f"by kind: {load['by_kind']}")
     rl = load["reload"]
