@@ -44,8 +44,9 @@ from typing import Any
 
 import numpy as np
 
+from tests.fault_injection import WRITE_EVENTS, ForkServer
+
 REPO = Path(__file__).resolve().parents[1]
-SERVER = Path(__file__).with_name("fault_injection.py")
 N_IMAGES = 16
 INITIAL = 10  # images in the starting index of rebuild / add
 REMOVED = ["img_0001.jpg", "img_0007.jpg", "img_0012.jpg"]
@@ -103,58 +104,6 @@ def observe(index: Path) -> State | None:
 def leftovers(run: Path) -> list[str]:
     """Temporary or work folders (and lock files) a finished job should not leave."""
     return sorted(p.name for p in run.iterdir() if LEFTOVER.match(p.name))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The fork server
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Answer:
-    rc: int | None
-    signal: int | None
-    seconds: float
-    stderr: str
-
-
-class ForkServer:
-    """``tests/fault_injection.py`` as a long-lived subprocess: one forked child per job."""
-
-    def __init__(self, work: Path, open_clip_config: tuple[str, dict[str, Any]]):
-        cfg_dir = work / "clipcfg"
-        cfg_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SERVER), json.dumps([*open_clip_config, str(cfg_dir)])],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
-        self.work = work
-        self.n = 0
-        assert json.loads(self._read())["ready"]
-
-    def _read(self) -> str:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the fork server died (exit {self.proc.wait()})")
-        return line
-
-    def run(self, argv: list[str], root: Path, **opts: Any) -> Answer:
-        self.n += 1
-        err = self.work / f"stderr-{self.n}.txt"
-        req = {"argv": argv, "root": str(root), "stderr": str(err), **opts}
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        ans = json.loads(self._read())
-        text = err.read_text(errors="replace") if err.exists() else ""
-        err.unlink(missing_ok=True)
-        return Answer(ans["rc"], ans["signal"], ans["seconds"], text)
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.wait(30)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,8 +292,6 @@ CLASSES: dict[str, Callable[[str, str], bool]] = {
 def sample_points(events: list[tuple[str, str]], n: int, rng: random.Random, writes_only: bool = False
                   ) -> list[int]:
     """``n`` event numbers (1-based): one from each class present first, then random others."""
-    from tests.fault_injection import WRITE_EVENTS
-
     pool = [i + 1 for i, (k, _) in enumerate(events) if not writes_only or k in WRITE_EVENTS]
     chosen: list[int] = []
     for test in CLASSES.values():
@@ -448,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             sc = h.scenarios[name]
             n = len(sc.events)
             kills = range(1, n + 1) if args.kills == 0 else sample_points(sc.events, args.kills, rng)
-            writes = [i for i in range(1, n + 1) if sc.events[i - 1][0] in _write_events()]
+            writes = [i for i in range(1, n + 1) if sc.events[i - 1][0] in WRITE_EVENTS]
             errors = writes if args.errors == 0 else sample_points(sc.events, args.errors, rng, writes_only=True)
             print(f"{name}: {n} events, {len(kills)} kill points, {len(errors)} write-error points, "
                   f"uninterrupted {sc.seconds:.2f} s", flush=True)
@@ -488,12 +435,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failures else 0
-
-
-def _write_events() -> frozenset[str]:
-    from tests.fault_injection import WRITE_EVENTS
-
-    return WRITE_EVENTS
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ import json
 import os
 import resource
 import signal
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,58 @@ class Injector:
         os.fsync = fsync
         atomic.exchange = exchange  # type: ignore[assignment]
         sys.addaudithook(self.audit)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The client side (the harness's end of the pipe)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    rc: int | None
+    signal: int | None
+    seconds: float
+    stderr: str
+
+
+class ForkServer:
+    """``tests/fault_injection.py`` as a long-lived subprocess: one forked child per job."""
+
+    def __init__(self, work: Path, open_clip_config: tuple[str, dict[str, Any]]):
+        cfg_dir = work / "clipcfg"
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), json.dumps([*open_clip_config, str(cfg_dir)])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+        self.work = work
+        self.n = 0
+        assert json.loads(self._read())["ready"]
+
+    def _read(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork server died (exit {self.proc.wait()})")
+        return line
+
+    def run(self, argv: list[str], root: Path, **opts: Any) -> Answer:
+        self.n += 1
+        err = self.work / f"stderr-{self.n}.txt"
+        req = {"argv": argv, "root": str(root), "stderr": str(err), **opts}
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        ans = json.loads(self._read())
+        text = err.read_text(errors="replace") if err.exists() else ""
+        err.unlink(missing_ok=True)
+        return Answer(ans["rc"], ans["signal"], ans["seconds"], text)
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(30)
 
 
 def run_child(req: dict[str, Any]) -> int:
