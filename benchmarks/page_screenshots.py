@@ -28,6 +28,15 @@ TOPICS = (("dogs", ("dog", "puppy")), ("water", ("water", "beach", "ocean", "lak
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"]
 
 
+def wait(page, expression: str, timeout: float = 60.0) -> None:
+    """Poll a JS expression until truthy (the page's CSP forbids the ``new Function`` of ``wait_for_function``)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise TimeoutError(expression)
+        time.sleep(0.05)
+
+
 def organise(data: Path, dest: Path, n: int) -> None:
     from retrieval.datasets import load_dataset
 
@@ -77,20 +86,20 @@ def main(argv: list[str] | None = None) -> None:
             browser = pw.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS, headless=True)
             page = browser.new_page(viewport={"width": 1280, "height": 860})
             page.goto(base)
-            page.wait_for_function("document.getElementById('folder').options.length > 1")
+            wait(page, "document.getElementById('folder').options.length > 1")
 
             def search(text: str) -> None:
                 page.evaluate("document.getElementById('status').textContent = ''")
                 page.fill("#q", text)
                 page.click("#go")
-                page.wait_for_function("document.getElementById('status').textContent.includes('results')")
-                page.wait_for_function("Array.from(document.querySelectorAll('.card img')).slice(0, 12)"
+                wait(page, "document.getElementById('status').textContent.includes('results')")
+                wait(page, "Array.from(document.querySelectorAll('.card img')).slice(0, 12)"
                                        ".every(i => i.complete && i.naturalWidth > 0)")
 
             def rerun(action) -> None:
                 page.evaluate("document.getElementById('status').textContent = ''")
                 action()
-                page.wait_for_function("document.getElementById('status').textContent.includes('results')")
+                wait(page, "document.getElementById('status').textContent.includes('results')")
                 page.wait_for_timeout(600)
 
             search("a dog running on the grass")

@@ -264,7 +264,13 @@ class Searcher:
             query = combine(term_vecs, weights, image_vector, spec.image_weight)
         page = run_search(snap.store, spec, query, rows_for=snap.rows_for, calibration=self.calibration,
                           limits=self.limits)
-        return replace(page, compose="fusion" if fuse else "sum")
+        return replace(page, compose="fusion" if fuse else "sum", truncated_to=self._truncated_to(spec))
+
+    def _truncated_to(self, spec: SearchSpec) -> int | None:
+        """The text model's token limit when a term of ``spec`` is longer and was cut to it (else None)."""
+        texts = [t.text for t in spec.terms]
+        cuts = getattr(self.encoder, "text_truncation", lambda t: [None] * len(t))(texts) if texts else []
+        return next((c for c in cuts if c), None)
 
     def search_specs(self, specs: Sequence[SearchSpec]) -> list[Page | BaseException]:
         """The text batcher's function: one encoder call for every term text of the batch, then each search. A bad
@@ -313,26 +319,37 @@ class Searcher:
 
     # -- files -----------------------------------------------------------------------------------------------------
     def image_path(self, item_id: str) -> Path:
-        """The image file of an indexed id. Only ids in the index are served, and the resolved path must lie
-        inside the image root (a crafted index cannot point outside it). Raises UnknownId."""
+        """The image file of an indexed id. Only ids in the index are served, and the file, symlinks resolved, must
+        lie inside the image root: a crafted index (``..``, absolute paths, NUL bytes) or a symlink in the photo
+        folder pointing out of it gets :class:`UnknownId` (404) like an unknown id."""
         snap = self._snapshot
         row = snap.store.row_of(item_id)  # UnknownId for anything not indexed, including "../../etc/passwd"
         meta = snap.store.get(row)
         if snap.image_root is None:
             raise UnknownId(f"{item_id!r}: the index records no image root and none is configured")
         rel = str(meta.get("path") or meta["id"])
-        path = (snap.image_root / rel).resolve()
-        if not path.is_relative_to(snap.image_root) or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        try:
+            if "\x00" in rel:
+                raise ValueError("NUL byte")
+            path = (snap.image_root / rel).resolve()
+            inside = path.is_relative_to(snap.image_root) and path.suffix.lower() in IMAGE_EXTENSIONS
+            exists = inside and path.is_file()
+        except (OSError, ValueError, RuntimeError):  # NUL, a symlink loop, a name too long...
+            inside = exists = False
+        if not inside:
             log.warning("refused image path outside the root", extra={"id": item_id, "path": rel})
             raise UnknownId(f"{item_id!r} has no servable image")
-        if not path.is_file():
+        if not exists:
             raise UnknownId(f"the image file of {item_id!r} is missing")
         return path
 
     def thumbnail(self, item_id: str) -> bytes:
         """A JPEG whose longest side is ``thumb_size``; cached by file path, size and mtime."""
         path = self.image_path(item_id)
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError as exc:  # deleted since image_path looked
+            raise UnknownId(f"the image file of {item_id!r} is missing") from exc
         key = (str(path), st.st_mtime_ns, st.st_size, self.thumb_size)
         cached = self.thumb_cache.get(key)
         if cached is not None:

@@ -42,11 +42,14 @@ class Hit:
 
 @dataclass(frozen=True)
 class Page:
-    """A page of an answer: its hits and the offset of the next page (None at the end)."""
+    """A page of an answer: its hits, the offset of the next page (None at the end), how an image and texts were
+    combined, and whether a text was cut to the model's length."""
 
     hits: list[Hit]
     next_offset: int | None
     compose: str = "sum"
+    #: the text model's token limit when a query text was longer and cut to it
+    truncated_to: int | None = None
 
 
 @dataclass(frozen=True)

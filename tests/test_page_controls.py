@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from service_support import serving
-from test_service_browser import ARGS, CHROMIUM
+from test_service_browser import ARGS, CHROMIUM, _wait
 
 from retrieval.file_facts import EXIF_IFD, TAG_DATETIME_ORIGINAL
 from service.main import create_app
@@ -89,9 +89,10 @@ def page(browser, site):
     pg = browser.new_page(viewport={"width": 1200, "height": 900})
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
     pg.goto(base + "/")
     pg.wait_for_selector("#examples button")
-    pg.wait_for_function("document.getElementById('folder').options.length > 1")
+    _wait(pg, "document.getElementById('folder').options.length > 1")
     yield pg
     assert not errors, errors
     pg.close()
@@ -111,7 +112,7 @@ def _search(pg, text: str, *, show_all: bool = True, k: str = "48") -> None:
     pg.fill("#q", text)
     pg.evaluate("document.getElementById('status').textContent = ''")
     pg.click("#go")
-    pg.wait_for_function("document.getElementById('status').textContent.includes('results')")
+    _wait(pg, "document.getElementById('status').textContent.includes('results')")
 
 
 def _cards(pg) -> list[dict]:
@@ -123,7 +124,7 @@ def _rerun(pg, action) -> None:
     """Do ``action`` (a control change that re-runs the search) and wait for the new answer."""
     pg.evaluate("document.getElementById('status').textContent = ''")
     action()
-    pg.wait_for_function("document.getElementById('status').textContent.includes('results')")
+    _wait(pg, "document.getElementById('status').textContent.includes('results')")
 
 
 def test_folder_filter(page):
@@ -203,7 +204,7 @@ def test_syntax_hint_and_query_arithmetic(page):
     assert "“+a photo −snow +2×beach”" in page.inner_text("#status")
     page.fill("#q", "a photo -")
     page.click("#go")
-    page.wait_for_function("document.getElementById('status').classList.contains('error')")
+    _wait(page, "document.getElementById('status').classList.contains('error')")
     assert "422" in page.inner_text("#status") and "query" in page.inner_text("#status")
 
 
@@ -220,7 +221,7 @@ def test_drag_and_drop_an_image_and_add_text(page, site):
     _shot(page, "drop-an-image")
     page.evaluate("document.getElementById('status').textContent = ''")
     page.dispatch_event("body", "drop", {"dataTransfer": dt})
-    page.wait_for_function("document.getElementById('status').textContent.includes('results')")
+    _wait(page, "document.getElementById('status').textContent.includes('results')")
     assert not page.is_visible("#drop-overlay") and "dropped.jpg" in page.inner_text("#image-chip")
     assert _cards(page)[0]["id"] == ids[7]  # the dropped photo is in the index: it comes first
     _rerun(page, lambda: (page.fill("#q", "in the snow"), page.click("#go")))

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrieval.atomic import atomic_write_text
 from retrieval.datasets import load_dataset
 from retrieval.encoders import Encoder, EncoderSpec, build_encoder, parse_spec
 from retrieval.errors import DatasetError
@@ -116,7 +117,7 @@ def run_eval(
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(report, indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))
         plots.recall_curves({name: res.curve}, out / "recall_at_k.png", title=f"{spec.label()} — {split}")
         if grid > 0:
             q, p, c = grid_queries(res, n=grid)

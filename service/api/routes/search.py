@@ -8,7 +8,7 @@ import asyncio
 import time
 from typing import Annotated, Any, ClassVar
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from retrieval.errors import BadImage, BadInput
 from retrieval.filter_spec import MetaFilter
 from service.api.deps import ItemId, ReadyState, ServiceState, require_search_key
-from service.api.routes._common import to_response
+from service.api.routes._common import to_response, warn_truncated
 from service.errors import PayloadTooLarge
 from service.query import Compose, Mode, SearchSpec, Sort, Term, parse_query
 from service.schemas import (
@@ -142,24 +142,28 @@ async def run_spec(state: ServiceState, spec: SearchSpec) -> Any:
 
 
 @router.post("", response_model=SearchResponse, summary="Search images by text, weighted terms and/or an indexed image")
-async def search(body: SearchRequest, request: Request, state: ReadyState) -> SearchResponse:
+async def search(body: SearchRequest, request: Request, response: Response, state: ReadyState) -> SearchResponse:
     t0 = time.perf_counter()
     spec = to_spec(state, body, body.query)
     page = await run_spec(state, spec)
+    warn_truncated(response, [page])
     return to_response(request, page, spec, (time.perf_counter() - t0) * 1000)
 
 
 @router.get("", response_model=SearchResponse, summary="Search images (query string; the same fields as the POST)")
-async def search_get(request: Request, state: ReadyState, params: Annotated[SearchParams, Query()]) -> SearchResponse:
+async def search_get(request: Request, response: Response, state: ReadyState,
+                     params: Annotated[SearchParams, Query()]) -> SearchResponse:
     t0 = time.perf_counter()
     body = params.to_request()
     spec = to_spec(state, body, params.q)
     page = await run_spec(state, spec)
+    warn_truncated(response, [page])
     return to_response(request, page, spec, (time.perf_counter() - t0) * 1000)
 
 
 @router.post("/batch", response_model=BatchSearchResponse, summary="Several text queries with the same options")
-async def search_batch(body: BatchSearchRequest, request: Request, state: ReadyState) -> BatchSearchResponse:
+async def search_batch(body: BatchSearchRequest, request: Request, response: Response, state: ReadyState
+                       ) -> BatchSearchResponse:
     if len(body.queries) > state.settings.max_batch_queries:
         raise BadInput(f"queries: {len(body.queries)}; the limit is {state.settings.max_batch_queries}")
     t0 = time.perf_counter()
@@ -167,6 +171,7 @@ async def search_batch(body: BatchSearchRequest, request: Request, state: ReadyS
     # Submitted together, the queries land in the same encoder batch when the batcher is on.
     pages = await asyncio.gather(*(run_spec(state, s) for s in specs))
     took = (time.perf_counter() - t0) * 1000
+    warn_truncated(response, pages)
     return BatchSearchResponse(
         results=[to_response(request, p, s, took) for s, p in zip(specs, pages, strict=True)],
         took_ms=round(took, 3),
