@@ -47,7 +47,7 @@ def _photos(root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory, tiny_clip_spec, tiny_encoder):
+def site(tmp_path_factory, tiny_clip_spec):
     """The page over an indexed collection, served by uvicorn; the encoder carries a calibration centred on the
     median score of the test query, so about half the hits fall under the default relevance threshold."""
     from indexer.local_engine import LocalEngine
@@ -59,12 +59,14 @@ def site(tmp_path_factory, tiny_clip_spec, tiny_encoder):
 
     root = tmp_path_factory.mktemp("page")
     ids = _photos(root / "photos")
-    vecs = tiny_encoder.encode_images([Image.open(root / "photos" / i).convert("RGB") for i in ids])
-    median = float(np.median(vecs @ tiny_encoder.encode_text(["a photo"])[0]))
     ckpt = root / "heads.pt"
     save_heads(HeadPair(HeadConfig(kind="residual", image_in=32, text_in=32, out_dim=32)), ckpt,
-               extra={"calibration": Calibration("platt", {"a": 60.0, "b": -60.0 * median}).to_dict()})
+               extra={"calibration": Calibration("platt", {"a": 1.0, "b": 0.0}).to_dict()})
     encoder = build_encoder(tiny_clip_spec.model_copy(update={"heads": str(ckpt)}))
+    # centre the calibration on this encoder's median score for the test query (its weights are random)
+    vecs = encoder.encode_images([Image.open(root / "photos" / i).convert("RGB") for i in ids])
+    median = float(np.median(vecs @ encoder.encode_text(["a photo"])[0]))
+    encoder.calibration = Calibration("platt", {"a": 60.0, "b": -60.0 * median})
     settings = IndexerSettings(batch_size=8, workers=0, progress=False)
     build_index(root / "photos", root / "idx", settings, engine=LocalEngine(encoder, settings))
     app = create_app(ServiceSettings(index_dir=root / "idx", warmup=False, access_log=False), encoder=encoder)
