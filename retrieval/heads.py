@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -19,7 +20,7 @@ from retrieval.checksums import file_sha256
 from retrieval.errors import EncoderUnavailable
 
 HEAD_FORMAT = 1
-HeadKind = Literal["linear", "mlp", "residual"]
+HeadKind = Literal["linear", "mlp", "residual", "anchored"]
 
 
 class HeadConfig(BaseModel):
@@ -34,6 +35,10 @@ class HeadConfig(BaseModel):
     hidden: int = 1024
     dropout: float = 0.1
     encoder: dict[str, Any] = {}  # identity of the backbones the heads were trained on
+    classes: int = 0
+    """``anchored`` only: size of the image side's class table (the label bridge; 0: no bridge)."""
+    bridge_temperature: float = 1.0
+    """``anchored`` only: softmax temperature on the class logits of the bridge."""
 
 
 class ProjectionHead(nn.Module):
@@ -42,6 +47,7 @@ class ProjectionHead(nn.Module):
     ``linear``: one matrix. ``mlp``: linear + GELU + dropout + linear, plus a linear skip path.
     ``residual``: ``x + W x`` with ``W`` initialised to zero, so it starts as the identity (needs in == out);
     used on open_clip backbones so training can only move away from zero-shot when that helps.
+    (``anchored`` is :class:`AnchoredHead`, built by :func:`make_head`.)
     """
 
     def __init__(self, kind: HeadKind, in_dim: int, out_dim: int, hidden: int = 1024, dropout: float = 0.1):
@@ -71,6 +77,62 @@ class ProjectionHead(nn.Module):
         return self.proj(x)
 
 
+class AnchoredHead(nn.Module):
+    """``y = scale * anchor(x) + mlp((x - mean) / std)``: a learned correction on top of a training-free map.
+
+    The anchor is a point in the text model's space: on the image side (``classes > 0``) the label bridge
+    ``normalize(softmax(fc(x) / T) @ C)`` (ImageNet logits -> probability-weighted class-prompt embeddings), on the
+    text side ``normalize(x)`` (so ``out_dim`` equals the text model's dimension). The MLP starts at zero, so an
+    untrained pair *is* the zero-shot label bridge, and training adds what captions teach while the anchor keeps
+    what the classifier knew. ``(n, in_dim)`` raw features -> ``(n, out_dim)`` (not normalised); input
+    standardisation lives in the ``mean``/``std`` buffers (no folding). Fixed shapes, no data-dependent branches:
+    traceable by ``torch.onnx.export``.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    class_embeddings: torch.Tensor
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, dropout: float, classes: int = 0,
+                 bridge_temperature: float = 1.0):
+        super().__init__()
+        self.kind: HeadKind = "anchored"
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        self.mlp = ProjectionHead("mlp", in_dim, out_dim, hidden, dropout)
+        for layer in (self.mlp.proj, self.mlp.mlp[-1]):
+            nn.init.zeros_(layer.weight)  # type: ignore[arg-type]
+            nn.init.zeros_(layer.bias)  # type: ignore[arg-type]
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.classes = classes
+        self.bridge_temperature = bridge_temperature
+        if classes:
+            self.fc = nn.Linear(in_dim, classes)
+            self.fc.requires_grad_(False)
+            self.register_buffer("class_embeddings", torch.zeros(classes, out_dim))
+        elif in_dim != out_dim:
+            raise ValueError(f"a text-side anchored head needs in_dim == out_dim, got {in_dim} and {out_dim}")
+
+    def anchor(self, x: torch.Tensor) -> torch.Tensor:
+        """The training-free part: ``(n, in_dim)`` -> ``(n, out_dim)``, unit length."""
+        if self.classes:
+            probs = (self.fc(x) / self.bridge_temperature).softmax(dim=-1)
+            return F.normalize(probs @ self.class_embeddings, dim=-1)
+        return F.normalize(x, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.anchor(x) + self.mlp((x - self.mean) / self.std)
+
+
+def make_head(config: HeadConfig, side: Literal["image", "text"]) -> nn.Module:
+    """The image or text head a config describes."""
+    in_dim = config.image_in if side == "image" else config.text_in
+    if config.kind == "anchored":
+        classes = config.classes if side == "image" else 0
+        return AnchoredHead(in_dim, config.out_dim, config.hidden, config.dropout, classes, config.bridge_temperature)
+    return ProjectionHead(config.kind, in_dim, config.out_dim, config.hidden, config.dropout)
+
+
 class HeadPair(nn.Module):
     """The image and text heads of one checkpoint; ``extra`` holds what the checkpoint carries beside the weights
     (training report, ``"calibration"``: a :meth:`retrieval.calibration.Calibration.to_dict`)."""
@@ -79,8 +141,8 @@ class HeadPair(nn.Module):
         super().__init__()
         self.config = config
         self.extra: dict[str, Any] = {}
-        self.image = ProjectionHead(config.kind, config.image_in, config.out_dim, config.hidden, config.dropout)
-        self.text = ProjectionHead(config.kind, config.text_in, config.out_dim, config.hidden, config.dropout)
+        self.image = make_head(config, "image")
+        self.text = make_head(config, "text")
 
 
 def save_heads(heads: HeadPair, path: str | Path, extra: dict[str, Any] | None = None) -> str:

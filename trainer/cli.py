@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tta-flip", action="store_true", help="average centre and flipped image features")
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--grid", type=int, default=6, help="queries in the result grid (0: none)")
+    e.add_argument("--class-data", help="also score class-prompt retrieval on this class-labelled set "
+                   "(e.g. ../shared/data/caltech101-dev)")
+    e.add_argument("--map", default="auto", choices=["auto", "umap", "tsne", "pca"],
+                   help="2-D map of the embeddings (auto: UMAP if installed, else t-SNE, else PCA)")
     return p
 
 
@@ -80,23 +84,18 @@ def run_train(cfg: TrainerSettings) -> dict[str, Any]:
 
     from retrieval.checksums import file_sha256
     from retrieval.encoders import build_encoder
-    from trainer.evaluate import load_split
-    from trainer.features import FeatureCache, split_features
+    from trainer.features import FeatureCache
+    from trainer.prepare import prepare
     from trainer.train import Trainer
 
     torch.set_num_threads(cfg.threads)
     spec = cfg.spec()
     enc = build_encoder(spec)
-    cache = FeatureCache(cfg.cache_dir)
-    t0 = time.perf_counter()
-    progress = sys.stderr.isatty()
-    train_f = split_features(enc, load_split(cfg.data, cfg.captions, cfg.train_split), cache, flip=cfg.flip_aug,
-                             batch_size=cfg.feature_batch, workers=cfg.workers, progress=progress)
-    dev_f = split_features(enc, load_split(cfg.data, cfg.captions, cfg.dev_split), cache, flip=cfg.tta_flip,
-                           batch_size=cfg.feature_batch, workers=cfg.workers, progress=progress)
-    feature_s = time.perf_counter() - t0
+    data = prepare(cfg, enc, FeatureCache(cfg.cache_dir))
+    feature_s = data.seconds["total"]
     identity = {k: v for k, v in spec.identity().items() if k != "heads_sha256"}
-    trainer = Trainer(cfg, train_f, dev_f, backend=spec.backend, identity=identity)
+    trainer = Trainer(cfg, data.train, data.dev, backend=spec.backend, identity=identity, prior=data.prior,
+                      class_dev=data.class_dev, tail=data.tail)
     last = Path(cfg.out) / "last.pt"
     if cfg.resume and last.is_file():
         trainer.load_state(last)
@@ -142,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.evaluate import run_eval, summary_table
 
             rep = run_eval(ns.data, ns.encoder, heads=ns.heads, split=ns.split, captions=ns.captions, out=ns.out,
-                           cache_dir=ns.cache_dir, tta_flip=ns.tta_flip, workers=ns.workers, grid=ns.grid)
+                           cache_dir=ns.cache_dir, tta_flip=ns.tta_flip, workers=ns.workers, grid=ns.grid,
+                           class_data=ns.class_data, map_method=ns.map)
             print(summary_table([rep]))
             print(f"\nwrote {Path(ns.out) / 'metrics.json'}, recall_at_k.png, results_grid.png")
     except RetrievalError as exc:
