@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data/flickr8k
+CLASS_DATA ?= ../shared/data/caltech101-dev
 DEMO_INDEX ?= out/demo-index
 QUERY  ?= a dog playing with a ball
 EXTRAS ?= cpu,train,ray,dev
@@ -11,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint bench bench-index bench-train bench-service bench-ray serve clean
+.PHONY: setup demo test lint bench bench-index bench-train bench-quality bench-frontier bench-service bench-ray serve clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -35,13 +36,21 @@ lint: setup
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
-bench: bench-index bench-train bench-service bench-ray
+bench: bench-index bench-train bench-quality bench-frontier bench-service bench-ray
 
 bench-index: setup
 	$(PY) benchmarks/bench_index.py --data $(DATA)
 
 bench-train: setup
 	$(PY) benchmarks/bench_train.py --data $(DATA)
+
+## Dev sweep (Flickr8k dev + Caltech-101 dev) of the shipped default's recipe; appends to benchmarks/results/quality_sweep.jsonl
+bench-quality: setup
+	$(PY) benchmarks/bench_quality.py --data $(DATA) --class-data $(CLASS_DATA) --run '{}'
+
+## images/s of each candidate encoder on this CPU beside its dev quality (table + plot)
+bench-frontier: setup
+	$(PY) benchmarks/bench_frontier.py --data $(DATA)
 
 bench-service: setup
 	$(PY) benchmarks/bench_service.py --data $(DATA)

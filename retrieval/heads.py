@@ -177,3 +177,12 @@ def load_heads(path: str | Path) -> tuple[HeadPair, str]:
     except Exception as exc:  # torch raises many kinds on a damaged file
         raise EncoderUnavailable(f"{path}: not a valid head checkpoint ({exc})") from exc
     return heads.eval(), file_sha256(path)
+
+
+def checkpoint_calibration(path: str | Path | None) -> dict[str, Any] | None:
+    """The ``extra["calibration"]`` a head checkpoint carries (a :meth:`Calibration.to_dict`), or None."""
+    if not path:
+        return None
+    heads, _ = load_heads(path)
+    cal = heads.extra.get("calibration")
+    return dict(cal) if cal else None

@@ -210,7 +210,9 @@ def test_partial_unfreezing_round_trip(tmp_path: Path) -> None:
 
     paths = make_images(tmp_path / "imgs", 24, size=(80, 64))
     records = [ImageRecord(p.name, p, captions=(f"picture number {i}",)) for i, p in enumerate(paths)]
-    spec = EncoderSpec(backend="dual", model="efficientnet-lite0", precision="fp32", device="cpu")
+    plain = tmp_path / "plain.pt"  # any heads: spares building the label bridge (1,000 class prompts)
+    save_heads(HeadPair(HeadConfig(kind="linear", image_in=1280, text_in=384, out_dim=16)), plain)
+    spec = EncoderSpec(backend="dual", model="efficientnet-lite0", precision="fp32", device="cpu", heads=str(plain))
     enc = build_encoder(spec)
     net = enc.image_backbone
     assert isinstance(net, EffnetImage)
@@ -240,3 +242,27 @@ def test_partial_unfreezing_round_trip(tmp_path: Path) -> None:
     assert torch.allclose(tuned.image_features(pixels), expected, atol=2e-2)
     assert backbone_identity(tuned, "image") != backbone_identity(enc, "image")
     assert backbone_identity(tuned, "text") == backbone_identity(enc, "text")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration: fitted on dev, carried by the checkpoint, recorded in the index manifest
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_best_checkpoint_carries_a_dev_calibration_and_the_manifest_records_it(tmp_path: Path) -> None:
+    from indexer.pipeline import build_params
+    from indexer.settings import IndexerSettings
+    from retrieval.calibration import Calibration
+
+    split, prior, dev = world()
+    result = Trainer(cfg(tmp_path, epochs=2), split, split, prior=prior, class_dev=dev).fit()
+    heads, _ = load_heads(result.best_path)
+    cal = Calibration.from_dict(heads.extra["calibration"])
+    fit = heads.extra["calibration_fit"]
+    assert fit["split"] == "dev" and fit["pairs"] == 240 * 20 and 0 < fit["base_rate"] <= 1 / 20
+    probs = cal(np.linspace(-1, 1, 21))
+    assert np.all((probs >= 0) & (probs <= 1)) and np.all(np.diff(probs) >= -1e-12) and probs[-1] > probs[0]
+    spec = EncoderSpec(backend="dual", model="efficientnet-lite0", heads=str(result.best_path))
+    params = build_params(spec, IndexerSettings(), tmp_path)
+    assert params["calibration"] == heads.extra["calibration"]
+    assert build_params(spec.model_copy(update={"heads": None}), IndexerSettings(), tmp_path)["calibration"] is None

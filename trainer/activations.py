@@ -70,13 +70,23 @@ def cached_activations(
     """
     net = effnet_of(encoder)
     keys = [file_key(p) for p in paths]
-    identity = {**backbone_identity(encoder, "image", view), "cut": cut}
-    key = cache_key({"identity": identity, "files": keys})
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
-    npy, meta = folder / f"acts-{key}.npy", folder / f"acts-{key}.json"
+
+    def files(c: int) -> tuple[Path, Path, dict[str, Any]]:
+        ident = {**backbone_identity(encoder, "image", view), "cut": c}
+        key = cache_key({"identity": ident, "files": keys})
+        return folder / f"acts-{key}.npy", folder / f"acts-{key}.json", ident
+
+    npy, meta, identity = files(cut)
     if npy.is_file() and meta.is_file():
         return np.load(npy, mmap_mode="r"), np.asarray(json.loads(meta.read_text())["ok"], bool)
     t0 = time.perf_counter()
+    for earlier in range(cut - 1, 0, -1):  # activations at an earlier cut: run only the blocks in between
+        src, src_meta, _ = files(earlier)
+        if src.is_file() and src_meta.is_file():
+            src_ok = np.asarray(json.loads(src_meta.read_text())["ok"], bool)
+            advanced = _advance(net, np.load(src, mmap_mode="r"), earlier, cut, encoder)
+            return _store(npy, meta, advanced, src_ok, {"identity": identity, "keys": keys, "from_cut": earlier}, t0)
     transform = encoder.image_transform if view == "center" else FlipTransform(encoder.image_transform)
     loader = torch.utils.data.DataLoader(
         ImageLoadDataset([ImageRecord(str(p), Path(p)) for p in paths], transform),
@@ -98,14 +108,32 @@ def cached_activations(
             ok[batch.indices] = True
     if out is None:
         raise BadInput("no image could be read")
-    folder.mkdir(parents=True, exist_ok=True)
+    return _store(npy, meta, out, ok, {"identity": identity, "keys": keys}, t0)
+
+
+def _advance(net: EffnetImage, acts: np.ndarray, start: int, stop: int, encoder: Encoder,
+             chunk: int = 128) -> np.ndarray:
+    """Blocks ``[start, stop)`` over cached activations (in the encoder's dtype), float16 out."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, acts.shape[0], chunk):
+            x = torch.from_numpy(np.asarray(acts[i:i + chunk])).to(encoder.device, encoder.dtype)
+            x = x.contiguous(memory_format=torch.channels_last)
+            for block in net.net._blocks[start:stop]:
+                x = block(x)
+            out.append(x.float().cpu().numpy().astype(np.float16))
+    return np.concatenate(out)
+
+
+def _store(npy: Path, meta: Path, out: np.ndarray, ok: np.ndarray, info: dict[str, Any],
+           t0: float) -> tuple[np.ndarray, np.ndarray]:
+    npy.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(npy) as tmp, open(tmp, "wb") as fh:
         np.save(fh, out)
-    info: dict[str, Any] = {"identity": identity, "keys": keys, "ok": ok.tolist(),
-                            "seconds": round(time.perf_counter() - t0, 2)}
+    info = {**info, "ok": ok.tolist(), "seconds": round(time.perf_counter() - t0, 2)}
     with atomic_path(meta) as tmp:
         Path(tmp).write_text(json.dumps(info))
-    log.info("cached %d activations (%s, cut %d) in %.1f s", int(ok.sum()), view, cut, info["seconds"])
+    log.info("cached %d activations (%s) in %.1f s", int(ok.sum()), npy.name, info["seconds"])
     return np.load(npy, mmap_mode="r"), ok
 
 

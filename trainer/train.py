@@ -33,6 +33,8 @@ from torch import nn
 
 from retrieval.heads import AnchoredHead, HeadConfig, HeadPair, save_heads
 from retrieval.metrics import retrieval_metrics
+from trainer.analysis import RELEVANCE_TOP_K, fit_relevance, relevance_pairs
+from trainer.batches import TensorSplit, epoch_batches, lr_lambda, steps_per_epoch
 from trainer.config import TrainerSettings
 from trainer.features import SplitFeatures
 from trainer.losses import ContrastiveLoss
@@ -149,85 +151,6 @@ def _init_anchored(heads: HeadPair, prior: ClassPrior, images: torch.Tensor | No
         if x is not None:
             head.mean.copy_(x.mean(0))
             head.std.copy_(x.std(0).clamp_min(1e-6))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TensorSplit:
-    """A split's features as tensors (see :class:`~trainer.features.SplitFeatures`): ``images`` float32 pooled
-    features ``(n, d_img)``, or, for partial unfreezing, float16 cached activations ``(n, C, H, W)``; ``pooled``
-    (and ``pooled_flip``) the frozen backbone's pooled features when ``images`` are activations (the class
-    distillation teacher reads them)."""
-
-    images: torch.Tensor
-    images_flip: torch.Tensor | None
-    texts: torch.Tensor
-    text_image: torch.Tensor
-    pooled: torch.Tensor | None = None
-    pooled_flip: torch.Tensor | None = None
-
-    @classmethod
-    def of(cls, f: SplitFeatures) -> TensorSplit:
-        flip = torch.from_numpy(np.asarray(f.images_flip, np.float32)) if f.images_flip is not None else None
-        return cls(torch.from_numpy(np.asarray(f.images, np.float32)), flip,
-                   torch.from_numpy(np.asarray(f.texts, np.float32)), torch.from_numpy(f.text_image).long())
-
-    def teacher(self, rows: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        """Frozen pooled features of ``rows`` (flipped view where ``flips``): ``(B, d_img)`` float32."""
-        pooled = self.pooled if self.pooled is not None else self.images
-        x = pooled[rows]
-        flipped = self.pooled_flip if self.pooled is not None else self.images_flip
-        if flipped is not None and bool(flips.any()):
-            x = torch.where(flips[:, None], flipped[rows], x)
-        return x.float()
-
-
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def epoch_batches(split: TensorSplit, cfg: TrainerSettings, epoch: int) -> list[Batch]:
-    """``(image_rows, caption_rows, use_flip)`` index tensors per step for one epoch; a pure function of
-    ``(seed, epoch)``. Incomplete last batches are dropped (the contrastive loss wants full batches)."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-    n_img = split.images.shape[0]
-    if cfg.pairs == "sample":
-        order = torch.argsort(split.text_image, stable=True)
-        counts = torch.bincount(split.text_image, minlength=n_img)
-        starts = torch.cumsum(counts, 0) - counts
-        valid = torch.nonzero(counts > 0).squeeze(1)
-        imgs = valid[torch.randperm(valid.numel(), generator=g)]
-        pick = (torch.rand(imgs.numel(), generator=g) * counts[imgs]).long()
-        caps = order[starts[imgs] + pick]
-    else:
-        caps = torch.randperm(split.texts.shape[0], generator=g)
-        imgs = split.text_image[caps]
-    flips = torch.rand(imgs.numel(), generator=g) < 0.5
-    if not cfg.flip_aug or split.images_flip is None:
-        flips = torch.zeros_like(flips)
-    bs = min(cfg.batch_size, imgs.numel())
-    n_steps = imgs.numel() // bs
-    return [(imgs[i * bs:(i + 1) * bs], caps[i * bs:(i + 1) * bs], flips[i * bs:(i + 1) * bs]) for i in range(n_steps)]
-
-
-def steps_per_epoch(split: TensorSplit, cfg: TrainerSettings) -> int:
-    n = int((torch.bincount(split.text_image) > 0).sum()) if cfg.pairs == "sample" else split.texts.shape[0]
-    return max(1, n // min(cfg.batch_size, n))
-
-
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,8 +281,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
-    def _extra(self, metrics: dict[str, Any] | None, with_state: bool) -> dict[str, Any]:
-        extra: dict[str, Any] = {
+    def _extra(self, metrics: dict[str, Any] | None, with_state: bool,
+               calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+        extra: dict[str, Any] = {**(calibration or {}),
             "config": self.cfg.model_dump(),
             "metrics": metrics,
             "epoch": self.epoch,
@@ -382,9 +306,21 @@ class Trainer:
             }
         return extra
 
-    def save(self, path: Path, metrics: dict[str, Any] | None, with_state: bool) -> str:
+    def save(self, path: Path, metrics: dict[str, Any] | None, with_state: bool,
+             calibration: dict[str, Any] | None = None) -> str:
         """Heads folded to take raw features (usable as ``EncoderSpec(heads=path)``); returns the SHA-256."""
-        return save_heads(self.model.folded_heads(), path, extra=self._extra(metrics, with_state))
+        return save_heads(self.model.folded_heads(), path, extra=self._extra(metrics, with_state, calibration))
+
+    def dev_calibration(self) -> dict[str, Any]:
+        """Score -> relevance map fitted on the dev split's caption queries and their top-k images:
+        ``{"calibration": Calibration.to_dict(), "calibration_fit": {...}}`` (what ``best.pt`` carries)."""
+        assert self.dev is not None
+        img, txt = embed_split(self.model, self.dev, self.cfg.tta_flip)
+        scores, labels = relevance_pairs(img, txt, self.dev.text_image.numpy())
+        cal, brier = fit_relevance(scores, labels)
+        return {"calibration": cal.to_dict(),
+                "calibration_fit": {"split": self.cfg.dev_split, "top_k": RELEVANCE_TOP_K, "pairs": len(scores),
+                                    "base_rate": float(labels.mean()), "brier": brier}}
 
     def load_state(self, path: Path) -> None:
         """Restore everything from a ``last.pt`` written by :meth:`save` with ``with_state=True``."""
@@ -468,7 +404,7 @@ class Trainer:
                 if score > self.best_score:
                     self.best_score, self.best_epoch, self.best_metrics = score, self.epoch, metrics
                     self.bad_epochs = 0
-                    self.save(self.out / "best.pt", metrics, with_state=False)
+                    self.save(self.out / "best.pt", metrics, with_state=False, calibration=self.dev_calibration())
                 else:
                     self.bad_epochs += 1
             row["seconds"] = time.perf_counter() - te
