@@ -9,7 +9,9 @@ timed windows. Engines: torch fp32 and torch bf16 weights (``onnx`` when ``retri
 Runtime engine: the speed lane adds it). Quality: the dev-set rows of ``benchmarks/results/quality_sweep.jsonl``
 named in :data:`CANDIDATES` (choices are made on dev; test numbers live in bench_train.json / the model card).
 Prints a markdown table with the CPU model and flags, writes ``benchmarks/results/bench_frontier.json`` and
-``bench_frontier.png``. Timings on a shared machine are provisional.
+``bench_frontier.png``. Timings on a shared machine are provisional. Quality rows:
+``benchmarks/results/quality_frontier.json`` (dev numbers copied from quality_sweep.jsonl; Lite2: the earlier dev
+sweep of mlp heads, Caltech not measured).
 """
 
 from __future__ import annotations
@@ -31,13 +33,12 @@ import torch
 from retrieval.encoders import build_encoder, parse_spec
 from retrieval.images import load_image
 
-#: name -> (encoder spec string, label of its dev row in quality_sweep.jsonl or None for the bridge)
+#: candidate -> its encoder (registry name or spec string) and the key of its dev quality in ``--quality``
 CANDIDATES: dict[str, dict[str, Any]] = {
     "zero-shot (Lite0 label bridge)": {"encoder": "zero-shot", "quality": "zero-shot"},
-    "previous default (Lite0 mlp heads)": {"encoder": "dual:efficientnet-lite0", "heads": "previous",
-                                           "quality": "mlp"},
-    "default (Lite0 anchored heads)": {"encoder": "default", "quality": "default"},
-    "Lite2 anchored heads": {"encoder": "dual:efficientnet-lite2", "quality": "lite2"},
+    "caption-heads (Lite0, previous default)": {"encoder": "caption-heads", "quality": "caption-heads"},
+    "default (Lite0 caption heads + bridge, gated)": {"encoder": "default", "quality": "default"},
+    "Lite2 label bridge (speed of a Lite2 candidate)": {"encoder": "dual:efficientnet-lite2", "quality": "lite2"},
 }
 
 
@@ -82,7 +83,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quality", default="benchmarks/results/quality_frontier.json",
                     help="dev quality per candidate (written by the sweep; see the model card)")
-    ap.add_argument("--previous-heads", default=None, help="checkpoint of the previous default (mlp heads)")
     ap.add_argument("--json", default="benchmarks/results/bench_frontier.json")
     args = ap.parse_args()
 
@@ -91,10 +91,8 @@ def main() -> None:
     images = sorted((Path(args.data) / "images").glob("*.jpg"))[: args.batch]
     rows = []
     for name, cand in CANDIDATES.items():
-        heads = args.previous_heads if cand.get("heads") == "previous" else None
-        if cand.get("heads") == "previous" and heads is None:
-            continue
-        enc = build_encoder(parse_spec(cand["encoder"], precision="fp32", device="cpu", heads=heads))
+        heads = None
+        enc = build_encoder(parse_spec(cand["encoder"], precision="fp32", device="cpu"))
         pixels = torch.stack([enc.image_transform(load_image(p)) for p in images])
         row: dict[str, Any] = {"candidate": name, "encoder": cand["encoder"], "dim": enc.dim,
                                **quality.get(cand["quality"], {})}

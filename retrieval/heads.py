@@ -39,6 +39,16 @@ class HeadConfig(BaseModel):
     """``anchored`` only: size of the image side's class table (the label bridge; 0: no bridge)."""
     bridge_temperature: float = 1.0
     """``anchored`` only: softmax temperature on the class logits of the bridge."""
+    anchor_weight: float = 0.0
+    """``anchored`` only. 0: one space, ``scale * anchor + mlp``. In (0, 1): two concatenated unit parts,
+    ``[sqrt(w) * anchor, sqrt(1 - w) * normalize(mlp)]``, so a score is ``w * cos(anchors) + (1 - w) *
+    cos(learned parts)``; ``out_dim`` = anchor dimension (the text model's) + learned dimension."""
+    gate_center: float | None = None
+    """``anchored`` with ``anchor_weight > 0`` only (None: no gate): the text side weighs its two parts per query,
+    ``[sqrt(g) * anchor, sqrt(1 - g) * learned]`` with ``g = sigmoid((m - gate_center) / gate_width)`` and ``m`` the
+    query's highest cosine to the class prompts: an object name ("a photo of a piano", m ~ 0.75) leans on the label
+    bridge, a descriptive caption (m ~ 0.4) on the learned part."""
+    gate_width: float = 0.03
 
 
 class ProjectionHead(nn.Module):
@@ -94,24 +104,41 @@ class AnchoredHead(nn.Module):
     class_embeddings: torch.Tensor
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int, dropout: float, classes: int = 0,
-                 bridge_temperature: float = 1.0):
+                 bridge_temperature: float = 1.0, anchor_dim: int | None = None, anchor_weight: float = 0.0,
+                 gate_center: float | None = None, gate_width: float = 0.03):
         super().__init__()
         self.kind: HeadKind = "anchored"
+        self.anchor_weight = anchor_weight
+        anchor_dim = anchor_dim or out_dim
+        learned_dim = out_dim - anchor_dim if anchor_weight > 0 else out_dim
+        if learned_dim < 1 or not 0 <= anchor_weight < 1:
+            raise ValueError(f"anchored head: out_dim {out_dim}, anchor_dim {anchor_dim}, weight {anchor_weight}")
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
-        self.mlp = ProjectionHead("mlp", in_dim, out_dim, hidden, dropout)
-        for layer in (self.mlp.proj, self.mlp.mlp[-1]):
-            nn.init.zeros_(layer.weight)  # type: ignore[arg-type]
-            nn.init.zeros_(layer.bias)  # type: ignore[arg-type]
+        self.mlp = ProjectionHead("mlp", in_dim, learned_dim, hidden, dropout)
+        if anchor_weight == 0:  # one space: start exactly at the anchor
+            for layer in (self.mlp.proj, self.mlp.mlp[-1]):
+                nn.init.zeros_(layer.weight)  # type: ignore[arg-type]
+                nn.init.zeros_(layer.bias)  # type: ignore[arg-type]
         self.scale = nn.Parameter(torch.tensor(1.0))
         self.classes = classes
         self.bridge_temperature = bridge_temperature
+        self.gated = gate_center is not None and anchor_weight > 0 and not classes
+        self.gate_center = float(gate_center or 0.0)
+        self.gate_width = gate_width
         if classes:
             self.fc = nn.Linear(in_dim, classes)
             self.fc.requires_grad_(False)
-            self.register_buffer("class_embeddings", torch.zeros(classes, out_dim))
-        elif in_dim != out_dim:
-            raise ValueError(f"a text-side anchored head needs in_dim == out_dim, got {in_dim} and {out_dim}")
+        if classes or self.gated:  # image side: the bridge's targets; gated text side: what a class prompt is
+            self.register_buffer("class_embeddings", torch.zeros(max(classes, 1000), anchor_dim))
+        elif in_dim != anchor_dim:
+            raise ValueError(f"a text-side anchored head needs in_dim == anchor dim, got {in_dim} and {anchor_dim}")
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, in_dim)`` text features -> ``(n,)`` weight on the anchor: how much the query reads like a class
+        prompt (its highest cosine to the class prompts, through a sigmoid)."""
+        m = (F.normalize(x, dim=-1) @ self.class_embeddings.T).max(dim=-1).values
+        return torch.sigmoid((m - self.gate_center) / self.gate_width)
 
     def anchor(self, x: torch.Tensor) -> torch.Tensor:
         """The training-free part: ``(n, in_dim)`` -> ``(n, out_dim)``, unit length."""
@@ -121,7 +148,14 @@ class AnchoredHead(nn.Module):
         return F.normalize(x, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.anchor(x) + self.mlp((x - self.mean) / self.std)
+        learned = self.mlp((x - self.mean) / self.std)
+        if self.anchor_weight == 0:
+            return self.scale * self.anchor(x) + learned
+        if self.gated:
+            w = self.gate(x)[:, None]  # (n, 1): this query's weight on the anchor
+            return torch.cat([w.sqrt() * self.anchor(x), (1 - w).sqrt() * F.normalize(learned, dim=-1)], dim=-1)
+        w0 = self.anchor_weight
+        return torch.cat([w0**0.5 * self.anchor(x), (1 - w0) ** 0.5 * F.normalize(learned, dim=-1)], dim=-1)
 
 
 def make_head(config: HeadConfig, side: Literal["image", "text"]) -> nn.Module:
@@ -129,7 +163,8 @@ def make_head(config: HeadConfig, side: Literal["image", "text"]) -> nn.Module:
     in_dim = config.image_in if side == "image" else config.text_in
     if config.kind == "anchored":
         classes = config.classes if side == "image" else 0
-        return AnchoredHead(in_dim, config.out_dim, config.hidden, config.dropout, classes, config.bridge_temperature)
+        return AnchoredHead(in_dim, config.out_dim, config.hidden, config.dropout, classes, config.bridge_temperature,
+                            config.text_in, config.anchor_weight, config.gate_center, config.gate_width)
     return ProjectionHead(config.kind, in_dim, config.out_dim, config.hidden, config.dropout)
 
 

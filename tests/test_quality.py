@@ -95,9 +95,28 @@ def test_anchored_heads_round_trip_and_trace(tmp_path: Path) -> None:
     assert torch.allclose(traced(y), loaded.image(y), atol=1e-5)
 
 
+def test_concatenated_parts_score_as_a_weighted_mix() -> None:
+    _, prior, _ = world()
+    w = 0.4
+    heads = HeadPair(HeadConfig(kind="anchored", image_in=D_IMG, text_in=D_TXT, out_dim=D_TXT + 8, hidden=16,
+                                classes=K, anchor_weight=w)).eval()
+    img = heads.image
+    assert isinstance(img, AnchoredHead)
+    with torch.no_grad():
+        img.fc.weight.copy_(prior.fc_weight)
+        img.class_embeddings.copy_(prior.class_embeddings())
+    x, t = torch.randn(6, D_IMG), torch.randn(6, D_TXT)
+    a, b = heads.image(x), heads.text(t)
+    assert a.shape == (6, D_TXT + 8) and torch.allclose(a.norm(dim=-1), torch.ones(6), atol=1e-5)
+    cos_anchor = (img.anchor(x) * heads.text.anchor(t)).sum(-1)  # type: ignore[operator]
+    la = F.normalize(img.mlp((x - img.mean) / img.std), dim=-1)
+    lt = F.normalize(heads.text.mlp(t), dim=-1)  # type: ignore[operator]
+    assert torch.allclose((a * b).sum(-1), w * cos_anchor + (1 - w) * (la * lt).sum(-1), atol=1e-5)
+
+
 def test_text_side_anchored_head_needs_matching_dims() -> None:
-    with pytest.raises(ValueError, match="in_dim == out_dim"):
-        HeadPair(HeadConfig(kind="anchored", image_in=D_IMG, text_in=D_TXT, out_dim=D_TXT + 1, classes=K))
+    with pytest.raises(ValueError, match="in_dim == anchor dim"):
+        AnchoredHead(D_TXT, D_TXT + 1, 8, 0.0, classes=0, anchor_dim=D_TXT + 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,3 +285,34 @@ def test_best_checkpoint_carries_a_dev_calibration_and_the_manifest_records_it(t
     params = build_params(spec, IndexerSettings(), tmp_path)
     assert params["calibration"] == heads.extra["calibration"]
     assert build_params(spec.model_copy(update={"heads": None}), IndexerSettings(), tmp_path)["calibration"] is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shipped default on real photos
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_encoder_still_finds_everyday_objects(caltech101_dev: Path) -> None:
+    """The previous default (caption heads alone) lost ImageNet's objects; the gated default keeps them."""
+    import json
+
+    from retrieval.encoders import parse_spec
+    from retrieval.images import load_image
+
+    rows = [json.loads(line) for line in (caltech101_dev / "captions.jsonl").read_text().splitlines()]
+    by_class: dict[str, list[dict]] = {}
+    for r in rows:
+        by_class.setdefault(r["label"], []).append(r)
+    picked = [r for label in sorted(by_class)[::8] for r in by_class[label][:4]]  # 13 classes x 4 photos
+    images = [load_image(caltech101_dev / "images" / r["image"]) for r in picked]
+    labels = np.array([r["label"] for r in picked])
+    prompts = sorted({r["captions"][0] for r in picked})
+    prompt_label = {r["captions"][0]: r["label"] for r in picked}
+    relevant = [np.flatnonzero(labels == prompt_label[p]) for p in prompts]
+
+    def class_map(name: str) -> float:
+        enc = build_encoder(parse_spec(name, precision="bf16", device="cpu"))
+        return query_metrics(enc.encode_text(prompts), enc.encode_images(images), relevant)["mAP"]
+
+    assert class_map("default") > class_map("caption-heads") + 15

@@ -1,4 +1,4 @@
-"""Command line: ``python -m trainer features|train|eval`` (also installed as ``retrieval-train``).
+"""Command line: ``python -m trainer features|train|compose|eval`` (also installed as ``retrieval-train``).
 
 ``train`` flags map one to one onto :class:`~trainer.config.TrainerSettings` fields (``--batch-size`` ->
 ``batch_size``); unset flags fall back to ``TRAINER_*`` environment variables, then the defaults.
@@ -44,6 +44,18 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train projection heads on cached features")
     add_settings_flags(t, TrainerSettings)
+
+    c = sub.add_parser("compose", help="join trained caption heads with the label bridge (per-query gate)")
+    c.add_argument("--heads", required=True, help="mlp caption heads (python -m trainer train)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--data", default="../shared/data/flickr8k")
+    c.add_argument("--class-data", default="../shared/data/caltech101-dev")
+    c.add_argument("--encoder", default="zero-shot")
+    c.add_argument("--anchor-weight", type=float, default=0.5)
+    c.add_argument("--gate-center", type=float, default=0.6)
+    c.add_argument("--gate-width", type=float, default=0.03)
+    c.add_argument("--via-activations", type=int, default=None)
+    c.add_argument("--threads", type=int, default=2)
 
     e = sub.add_parser("eval", help="retrieval metrics + plots on a split or captions file")
     e.add_argument("--data", required=True)
@@ -129,6 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.command == "features":
             print(json.dumps(cmd_features(ns), indent=2))
+        elif ns.command == "compose":
+            from trainer.compose import compose
+
+            cfg = TrainerSettings(data=ns.data, class_data=ns.class_data, encoder=ns.encoder,
+                                  via_activations=ns.via_activations, threads=ns.threads)
+            rep = compose(cfg, ns.heads, ns.out, ns.anchor_weight, ns.gate_center, ns.gate_width)
+            brief = {k: v for k, v in rep.items() if k not in ("dev", "class_dev")}
+            brief["dev"] = {d: {k: round(rep["dev"][d][k], 2) for k in ("R@1", "R@5", "R@10")} for d in ("t2i", "i2t")}
+            if "class_dev" in rep:
+                brief["class_dev"] = {k: round(rep["class_dev"][k], 2) for k in ("R@1", "P@10", "mAP")}
+            print(json.dumps(brief, indent=2))
         elif ns.command == "train":
             rep = run_train(settings_from_args(ns))
             brief = {k: rep[k] for k in ("encoder", "best_epoch", "best_dev_score", "train_seconds", "best",

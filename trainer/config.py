@@ -45,6 +45,18 @@ class TrainerSettings(BaseSettings):
     dropout: float = Field(default=0.5, ge=0, lt=1)
     standardize: bool = Field(default=True, description="train on standardised inputs (folded into saved heads)")
     bridge_temperature: float = Field(default=1.0, gt=0, description="anchored heads: class softmax temperature")
+    anchor_weight: float = Field(
+        default=0.0, ge=0, lt=1, description="anchored heads: 0 adds the learned part to the bridge in one space; "
+        "in (0, 1) concatenates them, a score being w * bridge cosine + (1 - w) * learned cosine",
+    )
+    gate_center: float | None = Field(
+        default=None, description="anchored heads with anchor_weight > 0: per-query weight on the bridge, "
+        "sigmoid((highest cosine to a class prompt - center) / width); None: a fixed weight",
+    )
+    gate_width: float = Field(default=0.03, gt=0)
+    lock_text: bool = Field(
+        default=False, description="anchored heads: keep the text side the text model's own space (no text training)"
+    )
 
     # keeping what the backbone knows (dual EfficientNet encoders)
     distill: float = Field(default=0.0, ge=0, description="weight of the class-prompt distillation loss")

@@ -67,9 +67,11 @@ def head_config(
     if kind == "anchored":
         if not classes:
             raise ValueError("anchored heads need the backbone's class prior (a dual EfficientNet encoder)")
-        return HeadConfig(kind=kind, image_in=image_in, text_in=text_in, out_dim=text_in, hidden=cfg.hidden,
-                          dropout=cfg.dropout, encoder=identity, classes=classes,
-                          bridge_temperature=cfg.bridge_temperature)
+        learned = (cfg.out_dim or 256) if cfg.anchor_weight > 0 else 0
+        return HeadConfig(kind=kind, image_in=image_in, text_in=text_in, out_dim=text_in + learned,
+                          hidden=cfg.hidden, dropout=cfg.dropout, encoder=identity, classes=classes,
+                          bridge_temperature=cfg.bridge_temperature, anchor_weight=cfg.anchor_weight,
+                          gate_center=cfg.gate_center, gate_width=cfg.gate_width)
     out_dim = cfg.out_dim or (image_in if kind == "residual" else 256)
     return HeadConfig(kind=kind, image_in=image_in, text_in=text_in, out_dim=out_dim, hidden=cfg.hidden,
                       dropout=cfg.dropout, encoder=identity)
@@ -139,7 +141,7 @@ def _fold(head: Any, mean: torch.Tensor, std: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _init_anchored(heads: HeadPair, prior: ClassPrior, images: torch.Tensor | None, texts: torch.Tensor | None) -> None:
+def init_anchored(heads: HeadPair, prior: ClassPrior, images: torch.Tensor | None, texts: torch.Tensor | None) -> None:
     """Seed ``anchored`` heads: the image side's bridge takes the classifier and the class-prompt embeddings; the
     MLPs' input standardisation takes the training statistics (when given)."""
     img, txt = heads.image, heads.text
@@ -147,6 +149,8 @@ def _init_anchored(heads: HeadPair, prior: ClassPrior, images: torch.Tensor | No
     img.fc.weight.copy_(prior.fc_weight)
     img.fc.bias.copy_(prior.fc_bias)
     img.class_embeddings.copy_(prior.class_embeddings())
+    if txt.gated:
+        txt.class_embeddings.copy_(prior.class_embeddings())
     for head, x in ((img, images), (txt, texts)):
         if x is not None:
             head.mean.copy_(x.mean(0))
@@ -248,10 +252,14 @@ class Trainer:
         self.model = TrainModel(heads, loss, d_img, d_txt, tail)
         if self.head_cfg.kind == "anchored":
             assert prior is not None
-            _init_anchored(heads, prior, pooled.float() if cfg.standardize else None,
+            init_anchored(heads, prior, pooled.float() if cfg.standardize else None,
                            self.train.texts if cfg.standardize else None)
         elif cfg.standardize and self.head_cfg.kind != "residual":
             self.model.set_standardization(pooled.float(), self.train.texts)
+        if cfg.lock_text:
+            if self.head_cfg.kind != "anchored":
+                raise ValueError("lock_text needs anchored heads (their text side starts as the identity)")
+            heads.text.requires_grad_(False)  # concatenated parts (anchor_weight > 0): the text anchor is raw anyway
         if cfg.distill > 0 and prior is None:
             raise ValueError("distill > 0 needs the backbone's class prior")
         decay: list[nn.Parameter] = []
