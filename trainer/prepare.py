@@ -49,6 +49,8 @@ class EffnetTail(nn.Module):
 
 @dataclass
 class Prepared:
+    """What :class:`~trainer.train.Trainer` takes, plus how long preparing it took (``seconds``)."""
+
     train: TensorSplit
     dev: TensorSplit
     prior: ClassPrior | None = None
