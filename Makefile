@@ -63,9 +63,12 @@ bench-index: setup
 bench-train: setup
 	$(PY) benchmarks/bench_train.py --data $(DATA)
 
-## Dev sweep (Flickr8k dev + Caltech-101 dev) of the shipped default's recipe; appends to benchmarks/results/quality_sweep.jsonl
+## The shipped default's recipe on the dev sets (Flickr8k dev + Caltech-101 dev): train caption heads, join them with
+## the label bridge; sweeps: benchmarks/bench_quality.py (appends to benchmarks/results/quality_sweep.jsonl)
 bench-quality: setup
-	$(PY) benchmarks/bench_quality.py --data $(DATA) --class-data $(CLASS_DATA) --run '{}'
+	$(PY) -m trainer train --data $(DATA) --class-data $(CLASS_DATA) --out runs/bench-quality
+	$(PY) -m trainer compose --data $(DATA) --class-data $(CLASS_DATA) --heads runs/bench-quality/best.pt \
+		--out runs/bench-quality/gated.pt --anchor-weight 0.4 --gate-center 0.55
 
 ## images/s of each candidate encoder on this CPU beside its dev quality (table + plot)
 bench-frontier: setup

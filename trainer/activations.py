@@ -29,7 +29,7 @@ from retrieval.atomic import atomic_path
 from retrieval.datasets import ImageRecord
 from retrieval.datasets.loader import ImageLoadDataset, collate_skipping
 from retrieval.encoders import Encoder
-from retrieval.encoders.effnet import EffnetImage
+from retrieval.encoders.backbones import StagedImageBackbone
 from retrieval.errors import BadInput
 from trainer.features import (
     FeatureCache,
@@ -46,10 +46,10 @@ from trainer.features import (
 log = logging.getLogger(__name__)
 
 
-def effnet_of(encoder: Encoder) -> EffnetImage:
+def effnet_of(encoder: Encoder) -> StagedImageBackbone:
     """The EfficientNet-Lite image backbone of a ``dual`` encoder (:class:`BadInput` for anything else)."""
     backbone = encoder.image_backbone
-    if not isinstance(backbone, EffnetImage):
+    if not isinstance(backbone, StagedImageBackbone):
         raise BadInput("partial unfreezing needs a dual encoder with an EfficientNet-Lite image backbone")
     return backbone
 
@@ -111,16 +111,14 @@ def cached_activations(
     return _store(npy, meta, out, ok, {"identity": identity, "keys": keys}, t0)
 
 
-def _advance(net: EffnetImage, acts: np.ndarray, start: int, stop: int, encoder: Encoder,
+def _advance(net: StagedImageBackbone, acts: np.ndarray, start: int, stop: int, encoder: Encoder,
              chunk: int = 128) -> np.ndarray:
     """Blocks ``[start, stop)`` over cached activations (in the encoder's dtype), float16 out."""
     out = []
     with torch.inference_mode():
         for i in range(0, acts.shape[0], chunk):
             x = torch.from_numpy(np.asarray(acts[i:i + chunk])).to(encoder.device, encoder.dtype)
-            x = x.contiguous(memory_format=torch.channels_last)
-            for block in net.net._blocks[start:stop]:
-                x = block(x)
+            x = net.blocks_between(x.contiguous(memory_format=torch.channels_last), start, stop)
             out.append(x.float().cpu().numpy().astype(np.float16))
     return np.concatenate(out)
 
@@ -140,7 +138,8 @@ def _store(npy: Path, meta: Path, out: np.ndarray, ok: np.ndarray, info: dict[st
 def pooled_from_activations(encoder: Encoder, acts: np.ndarray, cut: int, chunk: int = 256) -> np.ndarray:
     """The frozen backbone's pooled features ``(n, out_dim)`` float32 from cached activations (runs blocks
     ``cut..`` in float32)."""
-    net = copy.deepcopy(effnet_of(encoder)).float().eval()
+    net: Any = copy.deepcopy(effnet_of(encoder))
+    net.float().eval()
     out = []
     with torch.inference_mode():
         for i in range(0, acts.shape[0], chunk):

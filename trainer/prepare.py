@@ -14,6 +14,7 @@ import copy
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +36,11 @@ class EffnetTail(nn.Module):
     def __init__(self, encoder: Encoder, cut: int):
         super().__init__()
         self.cut = cut
-        self.net = copy.deepcopy(effnet_of(encoder)).float()
-        self.net.requires_grad_(False)
-        self.net.tail_modules(cut).requires_grad_(True)
+        net: Any = copy.deepcopy(effnet_of(encoder))
+        net.float()
+        net.requires_grad_(False)
+        net.tail_modules(cut).requires_grad_(True)
+        self.net = net
 
     def forward(self, acts: torch.Tensor) -> torch.Tensor:
         return self.net.features_from(acts.contiguous(memory_format=torch.channels_last), self.cut)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.encoders import Encoder
-from retrieval.encoders.label_bridge import LABEL_TEMPLATES
+from retrieval.encoders.factory import class_prompt_table
 from retrieval.errors import BadInput
 from retrieval.metrics import query_metrics
 from trainer.features import FeatureCache, SplitFeatures
@@ -28,7 +28,7 @@ from trainer.features import FeatureCache, SplitFeatures
 @dataclass
 class ClassPrior:
     """``fc_weight`` ``(K, d_img)``, ``fc_bias`` ``(K,)`` float32: the classifier on raw pooled image features;
-    ``prompts`` ``(K, d_txt)`` float32: mean raw text feature of :data:`LABEL_TEMPLATES` per class."""
+    ``prompts`` ``(K, d_txt)`` float32: mean raw text feature of the label bridge's templates per class."""
 
     fc_weight: torch.Tensor
     fc_bias: torch.Tensor
@@ -50,14 +50,13 @@ class ClassPrior:
 def imagenet_prior(encoder: Encoder, cache: FeatureCache) -> ClassPrior:
     """The ImageNet classifier of a dual encoder's EfficientNet backbone + the text features of its class prompts
     (cached like caption features)."""
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
+    names, templates = class_prompt_table()
     fc = getattr(encoder.image_backbone, "fc", None)
     if not isinstance(fc, torch.nn.Linear):
         raise BadInput("the class prior needs an image backbone with an ImageNet classifier (dual EfficientNet)")
-    prompts = [t.format(n) for n in IMAGENET_CLASSNAMES for t in LABEL_TEMPLATES]
+    prompts = [t.format(n) for n in names for t in templates]
     feats = cache.text_features(encoder, prompts)
-    per_class = F.normalize(torch.from_numpy(feats), dim=-1).view(len(IMAGENET_CLASSNAMES), len(LABEL_TEMPLATES), -1)
+    per_class = F.normalize(torch.from_numpy(feats), dim=-1).view(len(names), len(templates), -1)
     return ClassPrior(fc.weight.detach().float().clone(), fc.bias.detach().float().clone(), per_class.mean(1))
 
 

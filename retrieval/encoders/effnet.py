@@ -66,6 +66,12 @@ class EffnetImage(ImageBackbone):
             x = block(x)
         return x
 
+    def blocks_between(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """MBConv blocks ``[start, stop)`` on activations after block ``start``."""
+        for block in self.net._blocks[start:stop]:
+            x = block(x)
+        return x
+
     def features_from(self, acts: torch.Tensor, cut: int) -> torch.Tensor:
         """Blocks ``[cut, end)`` + head convolution + average pooling: activations -> ``(n, out_dim)``; with
         :meth:`features_until` it equals :meth:`forward`."""

@@ -17,14 +17,20 @@ from retrieval.encoders.backbones import ImageBackbone, TextBackbone
 from retrieval.encoders.device import resolve_device, resolve_dtype
 from retrieval.encoders.effnet import EffnetImage, build_effnet
 from retrieval.encoders.encoder import Encoder
-from retrieval.encoders.label_bridge import LabelBridgeHead, class_embeddings
+from retrieval.encoders.label_bridge import LABEL_TEMPLATES, LabelBridgeHead, class_embeddings, imagenet_classnames
 from retrieval.encoders.open_clip_backbone import build_open_clip, register_open_clip_config
 from retrieval.encoders.sentence import build_sentence
 from retrieval.encoders.spec import DEFAULT_TEXT_MODEL, EncoderSpec, parse_spec, weights_id
 from retrieval.errors import EncoderUnavailable
 from retrieval.heads import HeadPair, load_heads
 
-__all__ = ["build_encoder", "register_open_clip_config"]
+__all__ = ["build_encoder", "class_prompt_table", "register_open_clip_config"]
+
+
+def class_prompt_table() -> tuple[list[str], tuple[str, ...]]:
+    """The ImageNet class names the EfficientNet classifiers predict and the prompt templates of the label bridge
+    (what the trainer's class prior encodes)."""
+    return imagenet_classnames(), LABEL_TEMPLATES
 
 
 def build_encoder(spec: EncoderSpec | str) -> Encoder:
