@@ -105,7 +105,7 @@ class AnchoredHead(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int, dropout: float, classes: int = 0,
                  bridge_temperature: float = 1.0, anchor_dim: int | None = None, anchor_weight: float = 0.0,
-                 gate_center: float | None = None, gate_width: float = 0.03):
+                 gate_center: float | None = None, gate_width: float = 0.03, gate_classes: int = 0):
         super().__init__()
         self.kind: HeadKind = "anchored"
         self.anchor_weight = anchor_weight
@@ -123,14 +123,14 @@ class AnchoredHead(nn.Module):
         self.scale = nn.Parameter(torch.tensor(1.0))
         self.classes = classes
         self.bridge_temperature = bridge_temperature
-        self.gated = gate_center is not None and anchor_weight > 0 and not classes
+        self.gated = gate_center is not None and anchor_weight > 0 and not classes and gate_classes > 0
         self.gate_center = float(gate_center or 0.0)
         self.gate_width = gate_width
         if classes:
             self.fc = nn.Linear(in_dim, classes)
             self.fc.requires_grad_(False)
         if classes or self.gated:  # image side: the bridge's targets; gated text side: what a class prompt is
-            self.register_buffer("class_embeddings", torch.zeros(max(classes, 1000), anchor_dim))
+            self.register_buffer("class_embeddings", torch.zeros(classes or gate_classes, anchor_dim))
         elif in_dim != anchor_dim:
             raise ValueError(f"a text-side anchored head needs in_dim == anchor dim, got {in_dim} and {anchor_dim}")
 
@@ -164,7 +164,8 @@ def make_head(config: HeadConfig, side: Literal["image", "text"]) -> nn.Module:
     if config.kind == "anchored":
         classes = config.classes if side == "image" else 0
         return AnchoredHead(in_dim, config.out_dim, config.hidden, config.dropout, classes, config.bridge_temperature,
-                            config.text_in, config.anchor_weight, config.gate_center, config.gate_width)
+                            config.text_in, config.anchor_weight, config.gate_center, config.gate_width,
+                            config.classes if side == "text" else 0)
     return ProjectionHead(config.kind, in_dim, config.out_dim, config.hidden, config.dropout)
 
 
