@@ -12,8 +12,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup sysdeps demo test lint data bench bench-index bench-train bench-quality bench-frontier bench-service \
-        bench-ray bench-replicas serve clean compose-plugin wheelhouse
+.PHONY: setup sysdeps demo test lint chaos data bench bench-index bench-train bench-quality bench-frontier bench-service \
+        bench-uploads bench-ray bench-replicas serve clean compose-plugin wheelhouse
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -55,7 +55,12 @@ lint: setup
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
-bench: bench-index bench-train bench-quality bench-frontier bench-service bench-ray
+## The crash harness's long run: SIGKILL at every file-system event of build/rebuild/add/remove, ENOSPC at every
+## write, timed kills, a file-size limit and (as root) a small tmpfs; the suite runs a seeded sample of it.
+chaos: setup
+	nice -n 10 $(PY) -m tests.chaos --seed $${SEED:-0}
+
+bench: bench-index bench-train bench-quality bench-frontier bench-service bench-uploads bench-ray
 
 bench-index: setup
 	$(PY) benchmarks/bench_index.py --data $(DATA)
@@ -76,6 +81,9 @@ bench-frontier: setup
 
 bench-service: setup
 	$(PY) benchmarks/bench_service.py --data $(DATA)
+
+bench-uploads: setup
+	$(PY) benchmarks/bench_uploads.py --data $(DATA)
 
 bench-ray: setup
 	$(PY) benchmarks/bench_ray.py --data $(DATA)

@@ -203,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     except RetrievalError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a file-size limit, permissions, an I/O error
+        print(f"error: {exc}\nThe published index is unchanged (every write is atomic) and finished work is kept: "
+              f"fix the cause and rerun the same command to resume.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

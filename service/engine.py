@@ -88,6 +88,12 @@ class Hit:
     metadata: dict[str, Any]
 
 
+class Hits(list[Hit]):
+    """A query's hits; ``truncated_to``: the text model's token limit when the query was longer and cut to it."""
+
+    truncated_to: int | None = None
+
+
 class TextQuery(NamedTuple):
     """One text search request (routes may pass a plain ``(text, k, min_score)`` tuple)."""
 
@@ -234,8 +240,10 @@ class Searcher:
         if good:
             vecs = self.embed_texts(texts)
             hits = self.search_vectors(vecs, [queries[i].k for i in good], [queries[i].min_score for i in good])
-            for i, h in zip(good, hits, strict=True):
-                results[i] = h
+            truncation = getattr(self.encoder, "text_truncation", lambda t: [None] * len(t))(texts)
+            for i, h, cut in zip(good, hits, truncation, strict=True):
+                results[i] = Hits(h)
+                results[i].truncated_to = cut  # type: ignore[union-attr]
         return results
 
     # -- vectors ---------------------------------------------------------------------------------------------------
@@ -311,26 +319,37 @@ class Searcher:
 
     # -- files -----------------------------------------------------------------------------------------------------
     def image_path(self, item_id: str) -> Path:
-        """The image file of an indexed id. Only ids in the index are served, and the resolved path must lie
-        inside the image root (a crafted index cannot point outside it). Raises UnknownId."""
+        """The image file of an indexed id. Only ids in the index are served, and the file, symlinks resolved, must
+        lie inside the image root: a crafted index (``..``, absolute paths, NUL bytes) or a symlink in the photo
+        folder pointing out of it gets :class:`UnknownId` (404) like an unknown id."""
         snap = self._snapshot
         row = snap.store.row_of(item_id)  # UnknownId for anything not indexed, including "../../etc/passwd"
         meta = snap.store.get(row)
         if snap.image_root is None:
             raise UnknownId(f"{item_id!r}: the index records no image root and none is configured")
         rel = str(meta.get("path") or meta["id"])
-        path = (snap.image_root / rel).resolve()
-        if not path.is_relative_to(snap.image_root) or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        try:
+            if "\x00" in rel:
+                raise ValueError("NUL byte")
+            path = (snap.image_root / rel).resolve()
+            inside = path.is_relative_to(snap.image_root) and path.suffix.lower() in IMAGE_EXTENSIONS
+            exists = inside and path.is_file()
+        except (OSError, ValueError, RuntimeError):  # NUL, a symlink loop, a name too long...
+            inside = exists = False
+        if not inside:
             log.warning("refused image path outside the root", extra={"id": item_id, "path": rel})
             raise UnknownId(f"{item_id!r} has no servable image")
-        if not path.is_file():
+        if not exists:
             raise UnknownId(f"the image file of {item_id!r} is missing")
         return path
 
     def thumbnail(self, item_id: str) -> bytes:
         """A JPEG whose longest side is ``thumb_size``; cached by file path, size and mtime."""
         path = self.image_path(item_id)
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError as exc:  # deleted since image_path looked
+            raise UnknownId(f"the image file of {item_id!r} is missing") from exc
         key = (str(path), st.st_mtime_ns, st.st_size, self.thumb_size)
         cached = self.thumb_cache.get(key)
         if cached is not None:

@@ -20,8 +20,15 @@ from fastapi.staticfiles import StaticFiles
 from retrieval.cli_flags import add_settings_flags, settings_from_flags
 from service.api.deps import ServiceState
 from service.api.routes import admin, health, images, pages, search
+from service.auth import KeyRing, TrustedProxies
 from service.errors import install_error_handlers
-from service.middleware import AccessLogMiddleware, BodyLimitMiddleware, RateLimitMiddleware, TokenBuckets
+from service.middleware import (
+    AccessLogMiddleware,
+    BodyLimitMiddleware,
+    RateLimitMiddleware,
+    SecurityHeadersMiddleware,
+    TokenBuckets,
+)
 from service.observability import Metrics, configure_logging
 from service.settings import ServiceSettings
 
@@ -122,7 +129,9 @@ def create_app(settings: ServiceSettings | None = None, *, encoder: Encoder | No
         redirect_slashes=False,
     )
     metrics = Metrics()
-    app.state.service = ServiceState(settings=settings, metrics=metrics)
+    keys = KeyRing(settings.api_keys)
+    trusted = TrustedProxies(settings.trusted_proxies)
+    app.state.service = ServiceState(settings=settings, metrics=metrics, keys=keys)
 
     install_error_handlers(app)
     app.include_router(search.router)
@@ -132,22 +141,26 @@ def create_app(settings: ServiceSettings | None = None, *, encoder: Encoder | No
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
 
-    # Middleware: the last added runs first. Order seen by a request: access log -> CORS -> rate limit -> body limit.
+    # Middleware: the last added runs first. Order seen by a request: access log -> security headers -> CORS ->
+    # rate limit -> body limit.
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_body_bytes,
         limits={"/api/search/image": settings.max_upload_bytes + MULTIPART_OVERHEAD},
     )
     if settings.rate_limit.enabled:
-        app.add_middleware(RateLimitMiddleware, buckets=TokenBuckets(settings.rate_limit), metrics=metrics)
+        app.add_middleware(RateLimitMiddleware, buckets=TokenBuckets(settings.rate_limit), metrics=metrics,
+                           keys=keys, trusted=trusted)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", "X-API-Key", "X-Request-ID"],
+            expose_headers=["Warning", "X-Query-Truncated", "X-Request-ID"],
         )
-    app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log)
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log, trusted=trusted)
     return app
 
 
@@ -180,8 +193,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(settings.log_level, settings.log_json)
     app = create_app(settings)
     # uvicorn uses httptools and uvloop when installed (C parser and loop instead of pure-Python h11 + asyncio).
+    # Trusted proxies: uvicorn rewrites the client address from X-Forwarded-For for the same peers the rate limiter
+    # trusts (left to uvicorn's own default, FORWARDED_ALLOW_IPS or 127.0.0.1, when none are configured).
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=30)
+                timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=30,
+                forwarded_allow_ips=settings.trusted_proxies or None)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from retrieval.settings import EncoderSettings
@@ -19,7 +19,8 @@ HARD_MAX_BATCH_QUERIES = 64
 
 
 class RateLimitSettings(BaseModel):
-    """Token bucket per client (API key if given, else the peer address). Off by default."""
+    """Token bucket per client: a configured API key's own bucket, else the client address (the forwarded one only
+    behind ``trusted_proxies``). Off by default."""
 
     enabled: bool = False
     per_second: float = Field(default=20.0, gt=0, description="tokens added per second")
@@ -67,7 +68,23 @@ class ServiceSettings(BaseSettings):
         default=False, description="with api_keys: require a key on every /api route, not only admin"
     )
     cors_origins: list[str] = Field(default_factory=list)
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses or networks (10.0.0.0/8) of reverse proxies whose X-Forwarded-For is believed",
+    )
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError as exc:
+                raise ValueError(f"trusted_proxies: {entry!r} is not an address or network ({exc})") from exc
+        return value
 
     # process
     host: str = "127.0.0.1"

@@ -39,13 +39,16 @@ def build_test_index(encoder: Any, out: Path, images: Path, n: int = 12, *, seed
 
 
 @asynccontextmanager
-async def running_app(settings: Any, encoder: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    """``create_app(settings, encoder=...)`` with its lifespan entered, and an httpx client on it."""
+async def running_app(settings: Any, encoder: Any, *, raise_app_exceptions: bool = True
+                      ) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """``create_app(settings, encoder=...)`` with its lifespan entered, and an httpx client on it.
+    ``raise_app_exceptions=False``: an unhandled error becomes the 500 a real client would get."""
     from service.main import create_app
 
     app = create_app(settings, encoder=encoder)
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 12345))
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 12345),
+                                        raise_app_exceptions=raise_app_exceptions)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30) as client:
             yield app, client
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from retrieval.atomic import atomic_write_text
 from retrieval.cli_flags import add_settings_flags, settings_from_flags
 from retrieval.errors import RetrievalError
 from trainer.config import TrainerSettings
@@ -130,7 +131,7 @@ def run_train(cfg: TrainerSettings) -> dict[str, Any]:
         "best_sha256": file_sha256(result.best_path) if result.best_path else None,
         "history": result.history,
     }
-    Path(cfg.out, "metrics.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(Path(cfg.out, "metrics.json"), json.dumps(report, indent=2))
     return report
 
 

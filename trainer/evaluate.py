@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrieval.atomic import atomic_write_text
 from retrieval.calibration import Calibration
 from retrieval.datasets import load_dataset
 from retrieval.encoders import Encoder, EncoderSpec, build_encoder, parse_spec
@@ -134,7 +135,7 @@ def run_eval(
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(report, indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))
         plots.recall_curves({name: res.curve}, out / "recall_at_k.png", title=f"{spec.label()} — {split}")
         write_analysis_plots(extras, out, f"{name} — {split}")
         if grid > 0:

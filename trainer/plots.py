@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.atomic import atomic_path
+
 
 def _plt():  # imported lazily: matplotlib is an optional dependency (extra "train") and slow to import
     import matplotlib
@@ -161,7 +163,7 @@ def _save(plt: Any, fig: Any, path: str | Path, title: str, *, dpi: int, fontsiz
         fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -24,6 +24,14 @@ class TextBackbone(torch.nn.Module):
     def tokenize(self, texts: Sequence[str]) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def token_limit(self) -> int | None:
+        """Tokens the model reads of a text (special tokens included); the rest is cut off. None: unknown."""
+        return None
+
+    def token_count(self, text: str) -> int | None:
+        """Tokens ``text`` makes (special tokens included), to compare with :meth:`token_limit`. None: unknown."""
+        return None
+
     def forward(self, tokens: Any) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 

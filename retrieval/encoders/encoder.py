@@ -102,6 +102,17 @@ class Encoder:
             return np.zeros((0, self.dim), np.float32)
         return self.encode_pixels(torch.stack([self.image_transform(im) for im in images]))
 
+    def text_truncation(self, texts: Sequence[str]) -> list[int | None]:
+        """For each text: the model's token limit when the text is longer than that (only that many tokens are
+        encoded, the rest is cut off), else None."""
+        check_texts(texts)
+        limit = self.text_backbone.token_limit()
+        if limit is None:
+            return [None] * len(texts)
+        with self._lock:  # tokenizers are not all safe to call from several threads at once
+            counts = [self.text_backbone.token_count(t) for t in texts]
+        return [limit if n is not None and n > limit else None for n in counts]
+
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """Strings -> ``(n, dim)`` float32, L2-normalised."""
         if len(texts) == 0:

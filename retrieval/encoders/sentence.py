@@ -27,6 +27,14 @@ class SentenceText(TextBackbone):
         prep = getattr(self.st, "preprocess", None) or self.st.tokenize  # preprocess: sentence-transformers >= 6
         return dict(prep(list(texts)))
 
+    def token_limit(self) -> int | None:
+        limit = getattr(self.st, "max_seq_length", None)
+        return int(limit) if limit else None
+
+    def token_count(self, text: str) -> int | None:
+        tokenizer = getattr(self.st, "tokenizer", None)
+        return len(tokenizer(text)["input_ids"]) if tokenizer is not None else None
+
     def forward(self, tokens: dict[str, Any]) -> torch.Tensor:
         device = next(self.st.parameters()).device
         out = self.st({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tokens.items()})

@@ -13,9 +13,11 @@ Folder layout (``SCHEMA_VERSION`` 1)::
                     vectors themselves, so they have no ``vectors.npy``.
     skipped.jsonl   images the job could not encode: {"id", "reason"} per line (absent when none)
 
-Every write builds the complete new folder in a hidden temp folder and swaps it in atomically
-(:func:`retrieval.atomic.atomic_folder`). Readers therefore see the old index or the new one, never a mix.
-Concurrent *writers* to the same folder are not coordinated: run one writer at a time.
+A published folder is immutable. Every write builds the complete new version in a hidden temp folder and swaps it
+in atomically (:func:`retrieval.atomic.atomic_folder`); readers therefore see the old version or the new one,
+never a mix, and an :class:`IndexStore` opened before the swap keeps reading its own version's files (it pins the
+folder and maps every file at open). Writers of one folder take turns (:func:`retrieval.atomic.folder_lock` around
+each read-modify-publish), so concurrent add/remove/sync lose nothing.
 
 Row ``i`` == FAISS id ``i`` keeps search results trivially mapped to ``ids[i]`` / ``metadata[i]``. Removal keeps
 the relative order of the remaining rows and rebuilds the index from the kept vectors (trained IVF/PQ indexes

@@ -71,18 +71,36 @@ def read_meta(path: Path) -> list[dict[str, Any]]:
     if not f.is_file():
         raise IndexNotFound(f"no {META_FILE} in {path}")
     rows: list[dict[str, Any]] = []
-    with open(f, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise IndexCorrupt(f"{f} line {lineno} is not valid JSON: {exc}") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
-                raise IndexCorrupt(f"{f} line {lineno} is not an object with a string 'id'")
-            rows.append(row)
+    try:
+        data = f.read_bytes()
+    except OSError as exc:
+        raise IndexNotFound(f"cannot read {f}: {exc}") from exc
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IndexCorrupt(f"{f} line {lineno} is not valid UTF-8 JSON: {exc}") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            raise IndexCorrupt(f"{f} line {lineno} is not an object with a string 'id'")
+        rows.append(row)
     return rows
+
+
+def map_vectors(path: Path, manifest: Manifest) -> np.ndarray:
+    """``path/vectors.npy`` memory-mapped read-only: ``(count, dim)`` float16 as stored. :class:`IndexCorrupt` when
+    it cannot be read or its shape disagrees with the manifest."""
+    f = path / VECTORS_FILE
+    try:
+        arr = np.load(f, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise IndexCorrupt(f"cannot read {f}: {exc}") from exc
+    if arr.shape != (manifest.count, manifest.dim):
+        raise IndexCorrupt(f"{f} has shape {arr.shape}, manifest says ({manifest.count}, {manifest.dim})")
+    if arr.dtype not in (np.float16, np.float32):
+        raise IndexCorrupt(f"{f} holds {arr.dtype}, not float16/float32 vectors")
+    return arr
 
 
 def write_meta(metadata: Sequence[dict[str, Any]], folder: Path) -> None:

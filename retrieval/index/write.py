@@ -9,11 +9,12 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from retrieval.errors import BadInput, IndexCorrupt, UnknownId
+from retrieval.atomic import folder_lock
+from retrieval.errors import BadInput, UnknownId
 from retrieval.index.choose import choose_index_key
-from retrieval.index.faiss_ops import build_faiss, is_reconstructible, read_faiss
+from retrieval.index.faiss_ops import build_faiss, is_reconstructible
 from retrieval.index.folder import commit_folder, read_skipped, validate_metadata, validate_vectors
-from retrieval.index.manifest import SCHEMA_VERSION, VECTORS_FILE, Manifest, check_encoder, now_iso, read_manifest
+from retrieval.index.manifest import SCHEMA_VERSION, Manifest, check_encoder, now_iso
 from retrieval.index.store import IndexStore
 
 
@@ -63,9 +64,7 @@ def write_index(
 
 def _load_for_update(path: Path) -> tuple[IndexStore, Any, np.ndarray | None]:
     store = IndexStore.open(path, mmap=False)
-    stored = None
-    if not is_reconstructible(store.manifest.index_key):
-        stored = read_vectors(path)
+    stored = None if is_reconstructible(store.manifest.index_key) else store.all_vectors()
     return store, store.index, stored
 
 
@@ -89,6 +88,12 @@ def add_to_index(
     index is not retrained (IVF/PQ keep their trained centroids). ``created_at`` becomes the time of this write.
     """
     path = Path(path)
+    with folder_lock(path):  # no other writer between our read and our publish
+        return _add(path, vectors, metadata, encoder_identity, on_existing, skipped)
+
+
+def _add(path: Path, vectors: np.ndarray, metadata: Sequence[dict[str, Any]], encoder_identity: dict[str, Any],
+         on_existing: str, skipped: Sequence[tuple[str, str]]) -> Manifest:
     store, index, stored = _load_for_update(path)
     check_encoder(store.manifest, encoder_identity)
     vectors = validate_vectors(vectors, store.dim)
@@ -148,8 +153,12 @@ def remove_from_index(path: str | Path, ids: Iterable[str]) -> Manifest:
     Any unknown id raises :class:`UnknownId` and nothing changes. ``created_at`` becomes the time of this write.
     """
     path = Path(path)
+    with folder_lock(path):  # no other writer between our read and our publish
+        return _remove(path, list(dict.fromkeys(ids)))
+
+
+def _remove(path: Path, wanted: list[str]) -> Manifest:
     store, index, stored = _load_for_update(path)
-    wanted = list(dict.fromkeys(ids))
     missing = [i for i in wanted if i not in store]
     if missing:
         raise UnknownId(f"ids not in the index at {path}: {missing[:10]}")
@@ -165,18 +174,4 @@ def remove_from_index(path: str | Path, ids: Iterable[str]) -> Manifest:
 def read_vectors(path: str | Path) -> np.ndarray:
     """All vectors of the index at ``path``, ``(count, dim)`` float32, in row order (from ``vectors.npy`` where
     present, float16-rounded; else reconstructed exactly from the index)."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    vec_file = path / VECTORS_FILE
-    if vec_file.exists():
-        arr = np.load(vec_file, mmap_mode="r")
-        if arr.shape != (manifest.count, manifest.dim):
-            raise IndexCorrupt(f"{vec_file} has shape {arr.shape}, manifest says ({manifest.count}, {manifest.dim})")
-        return np.asarray(arr, dtype=np.float32)
-    if not is_reconstructible(manifest.index_key):
-        raise IndexCorrupt(f"{vec_file} is missing (needed for index type {manifest.index_key})")
-    index = read_faiss(path, mmap=True)
-    if index.ntotal == 0:
-        return np.zeros((0, manifest.dim), np.float32)
-    return index.reconstruct_n(0, index.ntotal)
-
+    return IndexStore.open(path).all_vectors()

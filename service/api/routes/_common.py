@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import Request
+from fastapi import Request, Response
 
 from service.schemas import SearchHit, SearchResponse
 
@@ -38,3 +38,20 @@ def to_response(request: Request, hits: Sequence[Any], top_k: int, took_ms: floa
             for h in hits
         ],
     )
+
+
+#: Response header naming the queries that were longer than the text model reads (``0`` for a single query).
+TRUNCATED_HEADER = "X-Query-Truncated"
+
+
+def warn_truncated(response: Response, results: Sequence[Any]) -> None:
+    """Set a ``Warning`` (299) and :data:`TRUNCATED_HEADER` when any query's hits say it was cut to the text
+    model's token limit (``truncated_to`` of :class:`service.engine.Hits`)."""
+    limits = [getattr(hits, "truncated_to", None) for hits in results]
+    cut = [i for i, limit in enumerate(limits) if limit]
+    if not cut:
+        return
+    which = "the query is" if len(results) == 1 else f"queries {', '.join(map(str, cut))} are"
+    response.headers["Warning"] = (f'299 - "{which} longer than the text model reads ({limits[cut[0]]} tokens): '
+                                   f'only the first {limits[cut[0]]} tokens were used"')
+    response.headers[TRUNCATED_HEADER] = ",".join(map(str, cut))

@@ -6,12 +6,12 @@ import asyncio
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from retrieval.errors import BadImage, BadInput
 from service.api.deps import ItemId, ReadyState, ServiceState, require_search_key
-from service.api.routes._common import to_response
+from service.api.routes._common import to_response, warn_truncated
 from service.errors import PayloadTooLarge
 from service.schemas import (
     BatchSearchRequest,
@@ -48,16 +48,18 @@ async def _search_text(state: ServiceState, text: str, k: int, min_score: float 
 
 
 @router.post("", response_model=SearchResponse, summary="Search images by text")
-async def search(body: SearchRequest, request: Request, state: ReadyState) -> SearchResponse:
+async def search(body: SearchRequest, request: Request, response: Response, state: ReadyState) -> SearchResponse:
     t0 = time.perf_counter()
     k = _k(state, body.top_k)
     hits = await _search_text(state, body.query, k, body.min_score)
+    warn_truncated(response, [hits])
     return to_response(request, hits, k, (time.perf_counter() - t0) * 1000, body.query)
 
 
 @router.get("", response_model=SearchResponse, summary="Search images by text (query string; for the web page)")
 async def search_get(
     request: Request,
+    response: Response,
     state: ReadyState,
     q: Annotated[str, Query(min_length=1, max_length=HARD_MAX_QUERY_CHARS, description="free text")],
     top_k: OptionalTopK = None,
@@ -66,11 +68,13 @@ async def search_get(
     t0 = time.perf_counter()
     k = _k(state, top_k)
     hits = await _search_text(state, q, k, min_score)
+    warn_truncated(response, [hits])
     return to_response(request, hits, k, (time.perf_counter() - t0) * 1000, q)
 
 
 @router.post("/batch", response_model=BatchSearchResponse, summary="Search images for several texts at once")
-async def search_batch(body: BatchSearchRequest, request: Request, state: ReadyState) -> BatchSearchResponse:
+async def search_batch(body: BatchSearchRequest, request: Request, response: Response, state: ReadyState
+                       ) -> BatchSearchResponse:
     if len(body.queries) > state.settings.max_batch_queries:
         raise BadInput(f"{len(body.queries)} queries; the limit is {state.settings.max_batch_queries}")
     t0 = time.perf_counter()
@@ -78,6 +82,7 @@ async def search_batch(body: BatchSearchRequest, request: Request, state: ReadyS
     # Submitted together, the queries land in the same encoder batch when the batcher is on.
     all_hits = await asyncio.gather(*(_search_text(state, q, k, body.min_score) for q in body.queries))
     took = (time.perf_counter() - t0) * 1000
+    warn_truncated(response, all_hits)
     return BatchSearchResponse(
         results=[to_response(request, hits, k, took, q) for q, hits in zip(body.queries, all_hits, strict=True)],
         took_ms=round(took, 3),
