@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data/flickr8k
+CLASS_DATA ?= ../shared/data/caltech101-dev
 DEMO_INDEX ?= out/demo-index
 QUERY  ?= a dog playing with a ball
 EXTRAS ?= cpu,train,ray,dev
@@ -11,8 +12,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup sysdeps demo test lint chaos data bench bench-index bench-train bench-service bench-uploads bench-ray \
-        bench-replicas serve clean compose-plugin wheelhouse
+.PHONY: setup sysdeps demo test lint chaos data bench bench-index bench-train bench-quality bench-frontier bench-service \
+        bench-uploads bench-ray bench-replicas serve clean compose-plugin wheelhouse
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -59,13 +60,24 @@ lint: setup
 chaos: setup
 	nice -n 10 $(PY) -m tests.chaos --seed $${SEED:-0}
 
-bench: bench-index bench-train bench-service bench-uploads bench-ray bench-filter bench-sync
+bench: bench-index bench-train bench-quality bench-frontier bench-service bench-uploads bench-ray bench-filter bench-sync
 
 bench-index: setup
 	$(PY) benchmarks/bench_index.py --data $(DATA)
 
 bench-train: setup
 	$(PY) benchmarks/bench_train.py --data $(DATA)
+
+## The shipped default's recipe on the dev sets (Flickr8k dev + Caltech-101 dev): train caption heads, join them with
+## the label bridge; sweeps: benchmarks/bench_quality.py (appends to benchmarks/results/quality_sweep.jsonl)
+bench-quality: setup
+	$(PY) -m trainer train --data $(DATA) --class-data $(CLASS_DATA) --out runs/bench-quality
+	$(PY) -m trainer compose --data $(DATA) --class-data $(CLASS_DATA) --heads runs/bench-quality/best.pt \
+		--out runs/bench-quality/gated.pt --anchor-weight 0.4 --gate-center 0.55
+
+## images/s of each candidate encoder on this CPU beside its dev quality (table + plot)
+bench-frontier: setup
+	$(PY) benchmarks/bench_frontier.py --data $(DATA)
 
 bench-service: setup
 	$(PY) benchmarks/bench_service.py --data $(DATA)

@@ -184,8 +184,12 @@ class BuildResult:
 
 def build_params(spec: EncoderSpec, settings: IndexerSettings, root: Path, **extra: Any) -> dict[str, Any]:
     """What the manifest records about how the index was built (spec lets `search` rebuild the encoder)."""
+    from retrieval.heads import checkpoint_calibration  # torch: loaded only when an index is written
+
     return {
         "encoder_spec": spec.model_dump(exclude={"device"}),
+        # score -> probability of relevance shipped with the heads (fitted on a dev split by the trainer), or None
+        "calibration": checkpoint_calibration(spec.heads),
         "source_root": str(root),
         "batch_size": settings.batch_size,  # None: chosen per device (IndexerSettings.batch_for)
         "workers": settings.workers,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -34,3 +34,17 @@ class TextBackbone(torch.nn.Module):
 
     def forward(self, tokens: Any) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+@runtime_checkable
+class StagedImageBackbone(Protocol):
+    """An image backbone that can stop after a block and resume from there (EfficientNet-Lite): what partial
+    unfreezing on cached activations needs. ``cut`` = number of blocks run before the activation."""
+
+    def features_until(self, pixels: torch.Tensor, cut: int) -> torch.Tensor: ...
+
+    def blocks_between(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor: ...
+
+    def features_from(self, acts: torch.Tensor, cut: int) -> torch.Tensor: ...
+
+    def tail_modules(self, cut: int) -> torch.nn.ModuleDict: ...

@@ -39,6 +39,9 @@ class Encoder:
         self.spec = spec
         #: score -> probability of relevance, shipped with the heads (None: the encoder has no calibration)
         self.calibration = calibration
+        #: True when the head checkpoint replaced backbone weights (partial unfreezing): raw image features then
+        #: depend on the heads file, and feature caches must key on it
+        self.image_tuned = False
         self.image_backbone = image.to(device=device, dtype=dtype).eval()
         self.text_backbone = text.to(device=device, dtype=dtype).eval()
         # Heads are small: keep them in float32 for exactness.
