@@ -60,7 +60,7 @@ lint: setup
 chaos: setup
 	nice -n 10 $(PY) -m tests.chaos --seed $${SEED:-0}
 
-bench: bench-index bench-train bench-quality bench-frontier bench-service bench-uploads bench-ray
+bench: bench-index bench-train bench-quality bench-frontier bench-service bench-uploads bench-ray bench-filter bench-sync
 
 bench-index: setup
 	$(PY) benchmarks/bench_index.py --data $(DATA)
@@ -87,6 +87,15 @@ bench-uploads: setup
 
 bench-ray: setup
 	$(PY) benchmarks/bench_ray.py --data $(DATA)
+
+## Filtered search latency (1% / 10% / 50% vs unfiltered; Flat and IVF; 8,000 real and 1M synthetic vectors).
+bench-filter: setup
+	@test -f out/flickr8k-all/manifest.json || $(PY) -m indexer build $(DATA) --out out/flickr8k-all --no-progress
+	$(PY) benchmarks/bench_filter.py --data $(DATA)
+
+## indexer sync after 10% of 1,000 photos changed: encodes exactly those; vs a full rebuild.
+bench-sync: setup
+	$(PY) benchmarks/bench_sync.py --data $(DATA)
 
 ## Search throughput through the gateway with 1 and 2 replicas: needs the offline compose stack running with both
 ## replicas (docs/DEPLOY.md, "Scaling out"); COMPOSE_FILE picks the compose files.

@@ -395,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     need = sum(n[c] + 2 * c for c in levels)
     if need > len(captions):
         raise SystemExit(f"need {need} distinct captions, have {len(captions)}")
-    ids = [json.loads(line)["id"] for line in (args.index / "meta.jsonl").read_text(encoding="utf-8").splitlines()]
+    from retrieval.index import IndexStore
+
+    ids = IndexStore.open(args.index).ids
 
     print(f"index {args.index} ({len(ids)} images), encoder {args.encoder}, levels {levels}, "
           f"{n} requests per level; cpu count {os.cpu_count()}, server torch threads {args.torch_threads}", flush=True)

@@ -33,6 +33,7 @@ from indexer.shards import ShardStore
 from retrieval.datasets import ImageRecord, load_dataset, scan_images
 from retrieval.encoders.spec import EncoderSpec
 from retrieval.errors import BadInput
+from retrieval.file_facts import file_facts
 from retrieval.index import IndexStore, Manifest, add_to_index, write_index
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,15 @@ class Engine(Protocol):
 
 
 def record_metadata(record: ImageRecord) -> dict[str, Any]:
-    """The metadata row stored beside a vector."""
+    """The metadata row stored beside a vector: id, path, captions, split, and the file's facts (size, mtime,
+    pixel size, taken_at, camera, content hash: :func:`retrieval.file_facts.file_facts`)."""
     row: dict[str, Any] = {"id": record.id, "path": record.id, "captions": list(record.captions)}
     if record.split:
         row["split"] = record.split
+    try:
+        row.update(file_facts(record.path))
+    except OSError as exc:  # vanished since the scan: the encoder reports it as skipped
+        log.warning("cannot read the facts of %s: %s", record.path, exc)
     return row
 
 

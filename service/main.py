@@ -19,9 +19,10 @@ from fastapi.staticfiles import StaticFiles
 
 from retrieval.cli_flags import add_settings_flags, settings_from_flags
 from service.api.deps import ServiceState
-from service.api.routes import admin, health, images, pages, search
+from service.api.routes import admin, embeddings, health, images, library, pages, search
 from service.auth import KeyRing, TrustedProxies
 from service.errors import install_error_handlers
+from service.index_watch import index_watcher
 from service.middleware import (
     AccessLogMiddleware,
     BodyLimitMiddleware,
@@ -56,6 +57,7 @@ def _lifespan(encoder: Encoder | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from service.engine import Searcher
+        from service.searching import Limits
 
         state: ServiceState = app.state.service
         cfg = state.settings
@@ -82,7 +84,9 @@ def _lifespan(encoder: Encoder | None):
                     enc, cfg.index_dir, image_root=cfg.image_root, cache_size=cfg.cache_size,
                     thumb_cache_size=cfg.thumb_cache_size, thumb_size=cfg.thumb_size,
                     max_query_chars=cfg.max_query_chars, max_top_k=cfg.max_top_k,
-                    max_image_pixels=cfg.max_image_pixels,
+                    max_image_pixels=cfg.max_image_pixels, max_offset=cfg.max_offset,
+                    limits=Limits(max_sort_candidates=cfg.max_sort_candidates, hybrid_pool=cfg.hybrid_pool),
+                    fusion_head=cfg.fusion_head,
                 )
             )
         except Exception as exc:
@@ -95,7 +99,7 @@ def _lifespan(encoder: Encoder | None):
         # One thread runs every encoder call (text and image): the encoder serialises calls anyway, and torch keeps
         # one OpenMP thread team per calling thread.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
-        state.text_runner = _make_runner(cfg, searcher.search_text_batch, "text", state.metrics, executor)
+        state.text_runner = _make_runner(cfg, searcher.search_specs, "text", state.metrics, executor)
         state.image_runner = _make_runner(cfg, searcher.search_image_batch, "image", state.metrics, executor)
         await state.text_runner.start()
         await state.image_runner.start()
@@ -106,7 +110,8 @@ def _lifespan(encoder: Encoder | None):
                                          "encoder": searcher.store.manifest.encoder_label,
                                          "batching": cfg.batching})
         try:
-            yield
+            async with index_watcher(state, cfg.watch_index_s):
+                yield
         finally:
             state.ready = False  # readiness fails first, then queued work drains
             await state.text_runner.stop()
@@ -135,6 +140,8 @@ def create_app(settings: ServiceSettings | None = None, *, encoder: Encoder | No
 
     install_error_handlers(app)
     app.include_router(search.router)
+    app.include_router(library.router)
+    app.include_router(embeddings.router)
     app.include_router(health.router)
     app.include_router(images.router)
     app.include_router(admin.router)
@@ -146,7 +153,8 @@ def create_app(settings: ServiceSettings | None = None, *, encoder: Encoder | No
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_body_bytes,
-        limits={"/api/search/image": settings.max_upload_bytes + MULTIPART_OVERHEAD},
+        limits={"/api/search/image": settings.max_upload_bytes + MULTIPART_OVERHEAD,
+                "/v1/embeddings": settings.max_embeddings_body_bytes},
     )
     if settings.rate_limit.enabled:
         app.add_middleware(RateLimitMiddleware, buckets=TokenBuckets(settings.rate_limit), metrics=metrics,

@@ -16,6 +16,11 @@ from retrieval.settings import EncoderSettings
 HARD_MAX_QUERY_CHARS = 2000
 HARD_MAX_TOP_K = 1000
 HARD_MAX_BATCH_QUERIES = 64
+#: Deepest result a page may start at (offset), and most ids a filter may list.
+HARD_MAX_OFFSET = 10_000
+HARD_MAX_FILTER_IDS = 1_000
+#: Most inputs one POST /v1/embeddings may carry.
+HARD_MAX_EMBEDDING_INPUTS = 2048
 
 
 class RateLimitSettings(BaseModel):
@@ -38,6 +43,9 @@ class ServiceSettings(BaseSettings):
     image_root: Path | None = Field(
         default=None, description="image folder; default: the manifest's build.source_root"
     )
+    fusion_head: Path | None = Field(
+        default=None, description="fusion head checkpoint (python -m trainer fusion) for image + text queries"
+    )
 
     # micro-batching of text (and image) encoding
     batching: bool = Field(
@@ -56,7 +64,26 @@ class ServiceSettings(BaseSettings):
     max_top_k: int = Field(default=100, ge=1, le=HARD_MAX_TOP_K)
     default_top_k: int = Field(default=12, ge=1, le=HARD_MAX_TOP_K)
     max_batch_queries: int = Field(default=32, ge=1, le=HARD_MAX_BATCH_QUERIES)
+    max_offset: int = Field(default=1000, ge=0, le=HARD_MAX_OFFSET, description="deepest page start (offset)")
+    max_sort_candidates: int = Field(
+        default=1000, ge=1, le=HARD_MAX_OFFSET + HARD_MAX_TOP_K,
+        description="a date sort orders at most this many best hits (those passing min_score / min_relevance)",
+    )
+    hybrid_pool: int = Field(default=200, ge=1, le=10_000,
+                             description="hybrid mode: candidates taken from each ranking before the fusion")
+    default_min_relevance: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="the page hides hits below this calibrated relevance (a 'show all' toggle reveals them)",
+    )
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="image upload limit")
+    max_embedding_inputs: int = Field(default=256, ge=1, le=HARD_MAX_EMBEDDING_INPUTS,
+                                      description="inputs per POST /v1/embeddings")
+    max_embeddings_body_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024,
+        description="body limit of POST /v1/embeddings (images come as base64 data URLs)")
+    min_duplicates_threshold: float = Field(
+        default=0.8, ge=-1.0, le=1.0,
+        description="lowest threshold GET /api/duplicates accepts (lower ones link most of a collection)")
     max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="limit for every other request body")
     max_image_pixels: int = Field(
         default=40_000_000, ge=1, description="decoded pixels above this are refused (bombs)"
@@ -98,6 +125,11 @@ class ServiceSettings(BaseSettings):
     log_json: bool = True
     access_log: bool = True
     warmup: bool = True
+    watch_index_s: float | None = Field(
+        default=None, gt=0, le=3600,
+        description="check the index folder every N seconds and hot-reload a new version (e.g. after "
+        "`indexer sync`); None: only POST /api/admin/reload",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, le=256,
         description="torch intra-op threads (None: torch's default). On a small shared CPU, 1 leaves a core to the "

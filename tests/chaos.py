@@ -282,7 +282,7 @@ def _pattern(rel: str) -> str:
 CLASSES: dict[str, Callable[[str, str], bool]] = {
     "shard write": lambda k, p: "shard-" in p and k in ("open", "fsync", "replace"),
     "manifest write": lambda k, p: p.endswith("manifest.json") and k in ("open", "fsync"),
-    "index file write": lambda k, p: p.endswith(("index.faiss", "vectors.npy", "meta.jsonl")) and k == "fsync",
+    "index file write": lambda k, p: p.endswith(("index.faiss", "vectors.npy", "meta.sqlite")) and k == "fsync",
     "folder swap": lambda k, p: k in ("exchange", "rename") and not p.endswith(".npz"),
     "old version removal": lambda k, p: k == "rmtree" and ".idx.tmp-" in p,
     "work folder removal": lambda k, p: k == "rmtree" and p.endswith(".partial"),

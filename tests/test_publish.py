@@ -127,7 +127,7 @@ def test_open_retries_when_its_version_is_deleted_midway(tmp_path, monkeypatch):
     the new version instead of failing."""
     path = tmp_path / "idx"
     write(path, unit(10, 8, seed=1))
-    real_read = store_mod.read_meta
+    real_read = store_mod.open_meta
     calls = []
 
     def publish_then_read(folder):
@@ -136,14 +136,14 @@ def test_open_retries_when_its_version_is_deleted_midway(tmp_path, monkeypatch):
             write(path, unit(12, 8, seed=2), meta(12, "new"))
         return real_read(folder)
 
-    monkeypatch.setattr(store_mod, "read_meta", publish_then_read)
+    monkeypatch.setattr(store_mod, "open_meta", publish_then_read)
     s = IndexStore.open(path)
     assert len(calls) == 2 and s.count == 12 and s.ids[0] == "new0"
 
 
 def test_errors_name_the_folder_not_the_handle(tmp_path):
     write(tmp_path / "idx", unit(5, 8))
-    (tmp_path / "idx" / "meta.jsonl").write_bytes(b"\xff\xfe not utf-8\n")
+    (tmp_path / "idx" / "meta.sqlite").write_bytes(b"\xff\xfe not a database\n" * 100)
     with pytest.raises(IndexCorrupt) as info:
         IndexStore.open(tmp_path / "idx")
     assert str(tmp_path / "idx") in str(info.value) and "/proc/self/fd" not in str(info.value)

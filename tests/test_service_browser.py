@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from service_support import build_test_index
+from service_support import build_test_index, serving
 
 from service.main import create_app
 from service.settings import ServiceSettings
@@ -24,31 +22,13 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 pytestmark = pytest.mark.browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tiny_encoder, tmp_path_factory):
-    import uvicorn
-
     root = tmp_path_factory.mktemp("web")
     ids = build_test_index(tiny_encoder, root / "idx", root / "imgs", n=12)
     app = create_app(ServiceSettings(index_dir=root / "idx", warmup=False, access_log=False), encoder=tiny_encoder)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", root, ids
-    srv.should_exit = True
-    thread.join(10)
+    with serving(app) as base:
+        yield base, root, ids
 
 
 def _wait(page, expression: str, timeout: float = 30.0) -> None:
@@ -111,7 +91,9 @@ def test_search_page(server, tmp_path: Path):
             _wait(page, "document.getElementById('status').textContent.includes('image “')")
             assert page.locator(".card").first.get_attribute("data-id") == ids[5]
 
-            # a blank query gives a message, not a request
+            # the upload stays as the query's image until cleared; then a blank query gives a message, not a request
+            assert page.is_visible("#image-chip")
+            page.click("#image-chip-clear")
             page.fill("#q", "   ")
             page.click("#go")
             assert "Type something" in page.inner_text("#status")

@@ -59,8 +59,10 @@ def _cut(name: str, keep: float) -> Callable[[Path], None]:
 BREAKAGES: dict[str, Callable[[Path], None]] = {
     "index.faiss cut in half": _cut("index.faiss", 0.5),
     "vectors.npy cut short": _cut("vectors.npy", 0.6),
-    "meta.jsonl cut mid-line": _cut("meta.jsonl", 0.7),
-    "meta.jsonl not UTF-8": lambda f: (f / "meta.jsonl").write_bytes(b"\xff\xfe\xfa\n" * 12),
+    "meta.sqlite cut short": _cut("meta.sqlite", 0.5),
+    "meta.sqlite not a database": lambda f: (f / "meta.sqlite").write_bytes(b"\xff\xfe\xfa\n" * 300),
+    "legacy meta.jsonl not UTF-8": lambda f: ((f / "meta.sqlite").unlink(),
+                                              (f / "meta.jsonl").write_bytes(b"\xff\xfe\xfa\n" * 12)),
     "manifest.json not JSON": lambda f: (f / "manifest.json").write_text("{"),
     "manifest count wrong": lambda f: (f / "manifest.json").write_text(
         json.dumps({**json.loads((f / "manifest.json").read_text()), "count": 11})),
@@ -92,7 +94,7 @@ def folders(tiny_encoder, tmp_path_factory) -> dict[str, Path]:
 
 async def test_each_broken_folder_is_refused_and_the_good_one_keeps_serving(tiny_encoder, folders):
     """Before: a folder with a cut-short vectors.npy or complex vectors was accepted (read lazily, then a 500 on
-    "similar"), and meta.jsonl that is not UTF-8 made the reload itself a 500."""
+    "similar"), and metadata that is not UTF-8 made the reload itself a 500."""
     settings = ServiceSettings(index_dir=folders["good"], warmup=False)
     async with app_client(settings, tiny_encoder) as c:
         for name, folder in folders.items():
@@ -107,7 +109,7 @@ async def test_each_broken_folder_is_refused_and_the_good_one_keeps_serving(tiny
 
 async def test_mixed_load_while_reloading_between_good_broken_other_and_missing(tiny_encoder, folders):
     settings = ServiceSettings(index_dir=folders["good"], warmup=False, max_wait_ms=1)
-    cycle = ["good", "vectors.npy cut short", "another encoder", "missing", "meta.jsonl not UTF-8", "good",
+    cycle = ["good", "vectors.npy cut short", "another encoder", "missing", "meta.sqlite not a database", "good",
              "index.faiss cut in half", "a file", "manifest count wrong", "vectors.npy of complex numbers"]
     statuses: Counter[int] = Counter()
     reloads: Counter[tuple[str, int]] = Counter()

@@ -1,4 +1,4 @@
-"""Command line: ``python -m trainer features|train|compose|eval`` (also installed as ``retrieval-train``).
+"""Command line: ``python -m trainer features|train|compose|fusion|eval`` (also installed as ``retrieval-train``).
 
 ``train`` flags map one to one onto :class:`~trainer.config.TrainerSettings` fields (``--batch-size`` ->
 ``batch_size``); unset flags fall back to ``TRAINER_*`` environment variables, then the defaults.
@@ -18,6 +18,7 @@ from retrieval.atomic import atomic_write_text
 from retrieval.cli_flags import add_settings_flags, settings_from_flags
 from retrieval.errors import RetrievalError
 from trainer.config import TrainerSettings
+from trainer.fusion import add_fusion_parser, cmd_fusion
 
 log = logging.getLogger("trainer")
 
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train projection heads on cached features")
     add_settings_flags(t, TrainerSettings)
+
+    add_fusion_parser(sub)
 
     c = sub.add_parser("compose", help="join trained caption heads with the label bridge (per-query gate)")
     c.add_argument("--heads", required=True, help="mlp caption heads (python -m trainer train)")
@@ -161,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                 brief["dev"] = {d: {k: round(rep["best_dev_metrics"][d][k], 2) for k in ("R@1", "R@5", "R@10")}
                                 for d in ("t2i", "i2t")}
             print(json.dumps(brief, indent=2))
+        elif ns.command == "fusion":
+            rep = cmd_fusion(ns)
+            print(json.dumps({k: rep[k] for k in ("encoder", "train_triplets", "dev_triplets", "dev",
+                                                  "dev_baselines", "sha256")}, indent=2))
         else:
             from trainer.evaluate import run_eval, summary_table
 

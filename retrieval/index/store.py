@@ -7,6 +7,7 @@ go away when the last store holding them is dropped."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +18,21 @@ from retrieval.atomic import Pinned
 from retrieval.atomic import pinned as pinned_folder
 from retrieval.errors import BadInput, IndexCorrupt, IndexNotFound, UnknownId
 from retrieval.index.faiss_ops import faiss_gpu_count, is_reconstructible, read_faiss, search_params
-from retrieval.index.folder import map_vectors, read_meta
+from retrieval.index.folder import map_vectors, open_meta
 from retrieval.index.manifest import META_FILE, VECTORS_FILE, Manifest, check_encoder, read_manifest
+from retrieval.index.metadata import MetaDB
 
 
 class IndexStore:
     """An opened index folder. Searching is thread-safe (no shared mutable state; per-call search parameters)."""
 
-    def __init__(self, path: Path, manifest: Manifest, index: Any, metadata: list[dict[str, Any]]):
+    def __init__(self, path: Path, manifest: Manifest, index: Any, meta: MetaDB):
         self.path = path
         self.manifest = manifest
         self.index = index
-        self.metadata = metadata
-        self.ids: list[str] = [m["id"] for m in metadata]
+        #: the rows' metadata (``meta.sqlite``, opened read-only with the snapshot)
+        self.meta = meta
+        self.ids: list[str] = meta.ids()
         self._row: dict[str, int] = {rid: i for i, rid in enumerate(self.ids)}
         self._vectors: np.ndarray | None = None  # vectors.npy, memory-mapped at open (IVF/PQ indexes)
         self._size_bytes = 0
@@ -89,19 +92,19 @@ class IndexStore:
         if expected_encoder is not None:
             check_encoder(manifest, expected_encoder)
         index = read_faiss(path, mmap=mmap)
-        metadata = read_meta(path)
+        meta = open_meta(path)
         if index.d != manifest.dim:
             raise IndexCorrupt(f"{path}: index dim {index.d} != manifest dim {manifest.dim}")
-        if not (index.ntotal == len(metadata) == manifest.count):
-            raise IndexCorrupt(f"{path}: row counts disagree: faiss {index.ntotal}, {META_FILE} {len(metadata)}, "
+        if not (index.ntotal == meta.count == manifest.count):
+            raise IndexCorrupt(f"{path}: row counts disagree: faiss {index.ntotal}, {META_FILE} {meta.count}, "
                                f"manifest {manifest.count}")
         vectors = None
         if (path / VECTORS_FILE).is_file():
             vectors = map_vectors(path, manifest)
         elif not is_reconstructible(manifest.index_key):
             raise IndexCorrupt(f"{path}: {VECTORS_FILE} is missing (needed for {manifest.index_key})")
-        store = cls(pin.real, manifest, index, metadata)
-        if len(store._row) != len(metadata):
+        store = cls(pin.real, manifest, index, meta)
+        if len(store._row) != meta.count:
             raise IndexCorrupt(f"{path}: {META_FILE} has duplicate ids")
         store._vectors = vectors
         store._size_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
@@ -164,10 +167,16 @@ class IndexStore:
 
     def vector(self, id: str) -> np.ndarray:
         """The stored vector of ``id``, ``(d,)`` float32 (exact for Flat/HNSW, float16-rounded for IVF-PQ)."""
-        row = self.row_of(id)
+        return self.vectors(np.array([self.row_of(id)], np.int64))[0]
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``rows`` (int64, in range), ``(len(rows), d)`` float32, as :meth:`vector`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return np.zeros((0, self.dim), np.float32)
         if self._vectors is not None:
-            return np.asarray(self._vectors[row], dtype=np.float32)
-        return np.asarray(self.index.reconstruct(row), dtype=np.float32)
+            return np.asarray(self._vectors[rows], dtype=np.float32)
+        return np.asarray(self.index.reconstruct_batch(rows), dtype=np.float32)
 
     def all_vectors(self) -> np.ndarray:
         """Every stored vector, ``(count, dim)`` float32 in row order (float16-rounded where the folder keeps
@@ -180,9 +189,19 @@ class IndexStore:
 
     def get(self, row: int) -> dict[str, Any]:
         """Metadata of ``row``; :class:`UnknownId` when out of range."""
-        if not isinstance(row, int | np.integer) or not 0 <= row < self.count:
-            raise UnknownId(f"no row {row!r} in the index ({self.count} rows)")
-        return self.metadata[int(row)]
+        return self.get_many([row])[0]
+
+    def get_many(self, rows: Sequence[int]) -> list[dict[str, Any]]:
+        """Metadata of ``rows`` in that order (one query); :class:`UnknownId` when one is out of range."""
+        for row in rows:
+            if not isinstance(row, int | np.integer) or not 0 <= row < self.count:
+                raise UnknownId(f"no row {row!r} in the index ({self.count} rows)")
+        return self.meta.get_many([int(r) for r in rows])
+
+    @property
+    def metadata(self) -> list[dict[str, Any]]:
+        """Every row's metadata, in row order (read from ``meta.sqlite`` on each call: for writers)."""
+        return self.meta.all_rows()
 
     def stats(self) -> dict[str, Any]:
         """count, dim, index_key, encoder_label, created_at, size_bytes (all files of the folder when opened)."""

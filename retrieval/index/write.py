@@ -76,8 +76,12 @@ def add_to_index(
     encoder_identity: dict[str, Any],
     on_existing: Literal["error", "skip", "replace"] = "error",
     skipped: Sequence[tuple[str, str]] = (),
+    remove: Iterable[str] = (),
 ) -> Manifest:
     """Append rows to the index at ``path`` and rewrite it atomically.
+
+    ``remove``: ids to drop in the same write (one new version for a whole sync); an unknown one raises
+    :class:`UnknownId` and nothing changes.
 
     ``skipped``: (id, reason) pairs of images this addition could not encode, merged into ``skipped.jsonl`` (ids
     that now have a row leave it).
@@ -89,17 +93,20 @@ def add_to_index(
     """
     path = Path(path)
     with folder_lock(path):  # no other writer between our read and our publish
-        return _add(path, vectors, metadata, encoder_identity, on_existing, skipped)
+        return _add(path, vectors, metadata, encoder_identity, on_existing, skipped, list(dict.fromkeys(remove)))
 
 
 def _add(path: Path, vectors: np.ndarray, metadata: Sequence[dict[str, Any]], encoder_identity: dict[str, Any],
-         on_existing: str, skipped: Sequence[tuple[str, str]]) -> Manifest:
+         on_existing: str, skipped: Sequence[tuple[str, str]], removed: list[str]) -> Manifest:
     store, index, stored = _load_for_update(path)
     check_encoder(store.manifest, encoder_identity)
     vectors = validate_vectors(vectors, store.dim)
     new_ids = validate_metadata(metadata, len(vectors))
     present = [i for i, rid in enumerate(new_ids) if rid in store]
     meta = [dict(m) for m in metadata]
+    unknown = [i for i in removed if i not in store]
+    if unknown:
+        raise UnknownId(f"ids to remove are not in the index at {path}: {unknown[:10]}")
     if present and on_existing == "error":
         raise BadInput(f"ids already in the index: {[new_ids[i] for i in present][:10]} "
                        f"(use on_existing='skip' or 'replace')")
@@ -108,8 +115,10 @@ def _add(path: Path, vectors: np.ndarray, metadata: Sequence[dict[str, Any]], en
         vectors = vectors[keep]
         meta = [meta[i] for i in keep]
     old_meta = list(store.metadata)
+    drop = {store.row_of(i) for i in removed}
     if present and on_existing == "replace":
-        drop = {store.row_of(new_ids[i]) for i in present}
+        drop |= {store.row_of(new_ids[i]) for i in present}
+    if drop:
         kept_rows = np.array([r for r in range(store.count) if r not in drop], dtype=np.int64)
         index, stored = _rebuild_without(store, index, stored, kept_rows)
         old_meta = [old_meta[r] for r in kept_rows]
