@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data/flickr8k
+CLASS_DATA ?= ../shared/data/caltech101-dev
 DEMO_INDEX ?= out/demo-index
 QUERY  ?= a dog playing with a ball
 EXTRAS ?= cpu,train,ray,dev
@@ -11,8 +12,9 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup sysdeps demo test lint data bench bench-cpu bench-scale bench-index bench-train bench-service bench-ray \
-        bench-replicas serve clean compose-plugin wheelhouse
+.PHONY: setup sysdeps demo test lint chaos data bench bench-cpu bench-scale bench-index bench-train bench-quality \
+        bench-frontier bench-service bench-uploads bench-ray bench-filter bench-sync bench-replicas serve clean \
+        compose-plugin wheelhouse
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -54,7 +56,13 @@ lint: setup
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
-bench: bench-cpu bench-index bench-train bench-service bench-scale bench-ray
+## The crash harness's long run: SIGKILL at every file-system event of build/rebuild/add/remove, ENOSPC at every
+## write, timed kills, a file-size limit and (as root) a small tmpfs; the suite runs a seeded sample of it.
+chaos: setup
+	nice -n 10 $(PY) -m tests.chaos --seed $${SEED:-0}
+
+bench: bench-cpu bench-index bench-train bench-quality bench-frontier bench-service bench-scale bench-uploads bench-ray \
+       bench-filter bench-sync
 
 ## torch fp32 / bf16 vs ONNX Runtime fp32 / int8 vs the default settings, with the CPU's flags in the header.
 bench-cpu: setup
@@ -70,11 +78,34 @@ bench-index: setup
 bench-train: setup
 	$(PY) benchmarks/bench_train.py --data $(DATA)
 
+## The shipped default's recipe on the dev sets (Flickr8k dev + Caltech-101 dev): train caption heads, join them with
+## the label bridge; sweeps: benchmarks/bench_quality.py (appends to benchmarks/results/quality_sweep.jsonl)
+bench-quality: setup
+	$(PY) -m trainer train --data $(DATA) --class-data $(CLASS_DATA) --out runs/bench-quality
+	$(PY) -m trainer compose --data $(DATA) --class-data $(CLASS_DATA) --heads runs/bench-quality/best.pt \
+		--out runs/bench-quality/gated.pt --anchor-weight 0.4 --gate-center 0.55
+
+## images/s of each candidate encoder on this CPU beside its dev quality (table + plot)
+bench-frontier: setup
+	$(PY) benchmarks/bench_frontier.py --data $(DATA)
+
 bench-service: setup
 	$(PY) benchmarks/bench_service.py --data $(DATA)
 
+bench-uploads: setup
+	$(PY) benchmarks/bench_uploads.py --data $(DATA)
+
 bench-ray: setup
 	$(PY) benchmarks/bench_ray.py --data $(DATA)
+
+## Filtered search latency (1% / 10% / 50% vs unfiltered; Flat and IVF; 8,000 real and 1M synthetic vectors).
+bench-filter: setup
+	@test -f out/flickr8k-all/manifest.json || $(PY) -m indexer build $(DATA) --out out/flickr8k-all --no-progress
+	$(PY) benchmarks/bench_filter.py --data $(DATA)
+
+## indexer sync after 10% of 1,000 photos changed: encodes exactly those; vs a full rebuild.
+bench-sync: setup
+	$(PY) benchmarks/bench_sync.py --data $(DATA)
 
 ## Search throughput through the gateway with 1 and 2 replicas: needs the offline compose stack running with both
 ## replicas (docs/DEPLOY.md, "Scaling out"); COMPOSE_FILE picks the compose files.

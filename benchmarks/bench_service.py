@@ -11,8 +11,11 @@ What it does
    caption, so the query cache never answers: the numbers are encoder + index + HTTP. Reports p50/p99 latency and
    queries/s side by side with on/off ratios.
 3. A bounded load test against the batching server: a fixed number of mixed requests (text POST/GET, batch,
-   similar-by-id, thumbnails, stats, and deliberately bad requests) at concurrency 64 under a time limit. It
-   reports the status counts, the 5xx count and the lost-request count (sent minus answered); both must be 0.
+   similar-by-id, thumbnails, stats, and deliberately bad requests) at concurrency 64 under a time limit, while
+   the index is hot-reloaded every ``--reload-every`` seconds in turn from a corrupt copy, the good folder, a copy
+   made with another encoder and a missing path (refused reloads must leave the good index serving). It reports
+   the status counts, the 5xx count and the lost-request count (sent minus answered), all of which must be 0, and
+   the reloads by folder and status.
 
 The machine is shared and has 2 cores: numbers move by +-20% run to run. Results also go to ``--out`` as JSON.
 """
@@ -302,9 +305,60 @@ def server_info(server: Server) -> dict[str, Any]:
             "index_key": stats["index_key"]}
 
 
+def reload_folders(index: Path) -> dict[str, Path]:
+    """The folders the load test reloads between: the good index, a copy with its index file cut in half, a copy
+    whose manifest names another encoder, and a path with nothing there."""
+    import shutil
+
+    out = {"good": index, "corrupt": index.parent / (index.name + ".reload-corrupt"),
+           "other encoder": index.parent / (index.name + ".reload-other"),
+           "missing": index.parent / (index.name + ".reload-missing")}
+    for name in ("corrupt", "other encoder"):
+        shutil.rmtree(out[name], ignore_errors=True)
+        shutil.copytree(index, out[name])
+    data = (out["corrupt"] / "index.faiss").read_bytes()
+    (out["corrupt"] / "index.faiss").write_bytes(data[: len(data) // 2])
+    manifest = json.loads((out["other encoder"] / "manifest.json").read_text())
+    manifest["encoder"] = {**manifest["encoder"], "model": "another-model"}
+    (out["other encoder"] / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(out["missing"], ignore_errors=True)
+    return out
+
+
+async def reload_chaos(client: httpx.AsyncClient, folders: dict[str, Path], every: float, stop: asyncio.Event
+                       ) -> dict[str, Any]:
+    """Reload every ``every`` seconds, cycling corrupt -> good -> other encoder -> good -> missing -> good; after a
+    refused reload, check that the good folder still serves."""
+    order = ["corrupt", "good", "other encoder", "good", "missing", "good"]
+    by: Counter[str] = Counter()
+    still_good = wrong = 0
+    i = 0
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=every)
+            break
+        except TimeoutError:
+            pass
+        name = order[i % len(order)]
+        i += 1
+        r = await client.post("/api/admin/reload", json={"index_dir": str(folders[name])})
+        by[f"{name} {r.status_code}"] += 1
+        if r.status_code != 200:
+            stats = (await client.get("/api/stats")).json()
+            if stats.get("index_dir") == str(folders["good"]):
+                still_good += 1
+            else:
+                wrong += 1
+    return {"reloads": sum(by.values()), "by_folder_status": dict(sorted(by.items())),
+            "refused_then_good_still_serving": still_good, "refused_then_wrong_index": wrong,
+            "reload_5xx": sum(n for k, n in by.items() if k.rsplit(" ", 1)[1].startswith("5"))}
+
+
 async def load_test(url: str, captions: list[str], ids: list[str], total: int, concurrency: int,
-                    time_limit: float) -> dict[str, Any]:
-    """A fixed mix of ``total`` requests; counts statuses, 5xx and lost requests (sent but never answered)."""
+                    time_limit: float, folders: dict[str, Path] | None = None, reload_every: float = 0.0
+                    ) -> dict[str, Any]:
+    """A fixed mix of ``total`` requests; counts statuses, 5xx and lost requests (sent but never answered). With
+    ``folders`` and ``reload_every`` > 0 the index is hot-reloaded meanwhile (:func:`reload_chaos`)."""
     rng = random.Random(1)
     kinds = (["text"] * 40 + ["get"] * 15 + ["batch"] * 5 + ["similar"] * 10 + ["thumb"] * 10 + ["stats"] * 5
              + ["bad_query"] * 5 + ["bad_k"] * 5 + ["traversal"] * 3 + ["bad_image"] * 2)
@@ -313,6 +367,7 @@ async def load_test(url: str, captions: list[str], ids: list[str], total: int, c
     statuses: Counter[int] = Counter()
     by_kind: dict[str, Counter[int]] = {}
     errors: Counter[str] = Counter()
+    latencies: list[float] = []
     queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
     for i, k in enumerate(plan):
         queue.put_nowait((i, k))
@@ -348,19 +403,29 @@ async def load_test(url: str, captions: list[str], ids: list[str], total: int, c
             while not queue.empty() and time.monotonic() < deadline:
                 i, kind = queue.get_nowait()
                 sent += 1
+                t_req = time.perf_counter()
                 try:
                     r = await one(i, kind)
                 except httpx.HTTPError as exc:
                     errors[type(exc).__name__] += 1
                     continue
+                latencies.append(time.perf_counter() - t_req)
                 answered += 1
                 statuses[r.status_code] += 1
                 by_kind.setdefault(kind, Counter())[r.status_code] += 1
 
         t0 = time.perf_counter()
+        stop = asyncio.Event()
+        reloader = (asyncio.create_task(reload_chaos(client, folders, reload_every, stop))
+                    if folders and reload_every > 0 else None)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+        stop.set()
+        reloads = await reloader if reloader else {}
+        if folders and reloader:  # end on the good index
+            await client.post("/api/admin/reload", json={"index_dir": str(folders["good"])})
     return {
+        "reload": reloads,
         "planned": total,
         "sent": sent,
         "answered": answered,
@@ -372,6 +437,8 @@ async def load_test(url: str, captions: list[str], ids: list[str], total: int, c
         "client_errors": dict(errors),
         "seconds": wall,
         "rps": answered / wall,
+        "p50_ms": float(np.percentile(np.array(latencies) * 1000, 50)) if latencies else None,
+        "p99_ms": float(np.percentile(np.array(latencies) * 1000, 99)) if latencies else None,
         "concurrency": concurrency,
         "time_limit_s": time_limit,
     }
@@ -426,12 +493,17 @@ def targets(on: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_index_args(p: argparse.ArgumentParser) -> None:
+    """The flags naming the data, the benchmark index and its encoder (shared with bench_uploads.py)."""
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "flickr8k")
     p.add_argument("--index", type=Path, default=REPO / "out" / "bench-flickr8k-index")
     p.add_argument("--encoder", default="default")
     p.add_argument("--limit", type=int, help="index only the first N images (quick trial runs; use another --index)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_index_args(p)
     p.add_argument("--concurrency", default="1,8,64")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="server's torch intra-op threads (SERVICE_TORCH_THREADS); 1 leaves the second core to HTTP and "
@@ -448,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="measured requests per level (at least 4x concurrency)")
     p.add_argument("--load-requests", type=int, default=3000)
     p.add_argument("--load-time-limit", type=float, default=180.0)
+    p.add_argument("--reload-every", type=float, default=3.0,
+                   help="seconds between hot reloads during the load test (0: none)")
     p.add_argument("--out", type=Path, default=REPO / "bench-results" / "service.json")
     args = p.parse_args(argv)
 
@@ -461,7 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     need = sum(n[c] + 2 * c for c in levels)
     if need > len(captions):
         raise SystemExit(f"need {need} distinct captions, have {len(captions)}")
-    ids = [json.loads(line)["id"] for line in (args.index / "meta.jsonl").read_text(encoding="utf-8").splitlines()]
+    from retrieval.index import IndexStore
+
+    ids = IndexStore.open(args.index).ids
 
     print(f"index {args.index} ({len(ids)} images), encoder {args.encoder}, levels {levels}, "
           f"{n} requests per level; cpu count {os.cpu_count()}, server torch threads {args.torch_threads}", flush=True)
@@ -498,8 +574,9 @@ def main(argv: list[str] | None = None) -> int:
         if "infinity" in servers:
             servers["infinity"].stop()
         print("\nload test (batching on) ...", flush=True)
+        folders = reload_folders(args.index)
         load = asyncio.run(load_test(servers["on"].url, captions[need:] or captions, ids, args.load_requests, 64,
-                                     args.load_time_limit))
+                                     args.load_time_limit, folders, args.reload_every))
         ready_after = httpx.get(servers["on"].url + "/readyz", timeout=10).status_code
     finally:
         for srv in servers.values():
@@ -519,10 +596,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n### Load test: {load['planned']} mixed requests, concurrency {load['concurrency']}, "
           f"limit {load['time_limit_s']:.0f} s\n")
     print(f"sent {load['sent']}, answered {load['answered']}, lost {load['lost']}, 5xx {load['server_errors_5xx']}, "
-          f"{load['rps']:.1f} req/s over {load['seconds']:.1f} s; statuses {load['statuses']}; "
+          f"{load['rps']:.1f} req/s over {load['seconds']:.1f} s, p50 {load['p50_ms']:.0f} ms, p99 "
+          f"{load['p99_ms']:.0f} ms; statuses {load['statuses']}; "
           f"ready afterwards: {ready_after == 200}")
     print(f"by kind: {load['by_kind']}")
-    ok = load["server_errors_5xx"] == 0 and load["lost"] == 0 and load["not_sent_before_time_limit"] == 0
+    rl = load["reload"]
+    if rl:
+        print(f"reloads every {args.reload_every:.0f} s: {rl['reloads']} ({rl['by_folder_status']}); after a refused "
+              f"reload the good index kept serving {rl['refused_then_good_still_serving']} times, another index "
+              f"{rl['refused_then_wrong_index']} times; reload 5xx {rl['reload_5xx']}")
+    ok = load["server_errors_5xx"] == 0 and load["lost"] == 0 and load["not_sent_before_time_limit"] == 0 and (
+        not rl or (rl["reload_5xx"] == 0 and rl["refused_then_wrong_index"] == 0))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"cpu": cpu, "on": on, "off": off, "peer": peer, "peer_note": peer_note,
                                     "on_info": on_info, "off_info": off_info, "load": load, "markdown": md,

@@ -36,7 +36,7 @@ STAGES = [
     ("encoder: tokenise", "FastTokenizer"),
     ("encoder: tokenise", "tokeniz"),
     ("search: FAISS", "faiss"),
-    ("search: hits + metadata", "search_vectors"),
+    ("search: filters, hits + metadata", "service/searching.py"),
     ("response model + JSON", "serialize_response"),
     ("response model + JSON", "_common.py"),
     ("request validation + routing", "fastapi/"),

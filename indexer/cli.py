@@ -1,4 +1,4 @@
-"""``python -m indexer``: build, add, remove, search, info.
+"""``python -m indexer``: build, add, remove, sync, dupes, migrate, search, info.
 
 Flags are generated from :class:`indexer.settings.IndexerSettings` (which also reads ``INDEXER_*`` environment
 variables): ``--batch-size`` sets ``batch_size``, ``--encoder`` sets ``encoder.name``.
@@ -51,6 +51,24 @@ def make_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("remove", help="remove images by id")
     r.add_argument("index")
     r.add_argument("ids", nargs="+")
+
+    y = sub.add_parser("sync", help="bring an index in step with its folder: add new images, re-encode changed "
+                       "ones (size/mtime, then content hash), remove deleted ones; resumable")
+    y.add_argument("src", help="the image folder the index was built from")
+    y.add_argument("index", help="index folder (built from SRC if it does not exist yet)")
+    y.add_argument("--captions", help="captions file (default: found beside the images, as in build)")
+    y.add_argument("--watch", type=float, metavar="SECONDS", help="sync again every SECONDS until interrupted")
+    add_settings_flags(y, IndexerSettings, rename=ENCODER_FLAGS)
+
+    d = sub.add_parser("dupes", help="clusters of near-duplicate images (cosine >= threshold)")
+    d.add_argument("index")
+    d.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default 0.95)")
+    d.add_argument("--format", choices=["json", "csv"], default="json")
+    d.add_argument("--out", help="write here instead of standard output")
+
+    m = sub.add_parser("migrate", help="rewrite an index's metadata as meta.sqlite, adding file dates, sizes and "
+                       "EXIF (for folders written by older versions)")
+    m.add_argument("index")
 
     s = sub.add_parser("search", help="query an index from the terminal")
     s.add_argument("index")
@@ -170,6 +188,78 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from indexer.local_engine import LocalEngine
+    from indexer.sync import sync_index, watch
+
+    settings = settings_from_args(args)
+    if not (Path(args.index) / "manifest.json").is_file():
+        from indexer.pipeline import build_index
+
+        result = build_index(args.src, args.index, settings, captions=args.captions)
+        print(f"built {args.index}: added {result.manifest.count}, skipped {len(result.skipped)}")
+        if not args.watch:
+            return 0
+    encoder, _ = encoder_for_index(args.index, args)
+    engine = LocalEngine(encoder, settings)
+
+    def once():
+        return sync_index(args.src, args.index, settings, engine=engine, captions=args.captions)
+
+    if args.watch:
+        if args.watch <= 0:
+            raise SystemExit("--watch needs a positive number of seconds")
+        print(f"watching {args.src} every {args.watch:g} s (Ctrl-C stops)")
+        watch(args.src, args.index, args.watch, once)
+        return 0
+    result = once()
+    print(result.summary())
+    for rid, reason in result.skipped[:20]:
+        print(f"  skipped {rid}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _cmd_dupes(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    from retrieval.index import IndexStore
+    from retrieval.index.dupes import near_duplicates
+
+    store = IndexStore.open(args.index)
+    clusters = near_duplicates(store, args.threshold)
+    if args.format == "json":
+        text = json.dumps({"threshold": args.threshold, "count": store.count, "clusters": [
+            {"representative": c.representative, "size": len(c.ids),
+             "items": [{"id": i, "score": round(s, 6)} for i, s in zip(c.ids, c.scores, strict=True)]}
+            for c in clusters]}, indent=2, ensure_ascii=False) + "\n"
+    else:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["cluster", "id", "representative", "score"])
+        for n, c in enumerate(clusters, 1):
+            for i, sc in zip(c.ids, c.scores, strict=True):
+                w.writerow([n, i, c.representative, f"{sc:.6f}"])
+        text = buf.getvalue()
+    if args.out:
+        from retrieval.atomic import atomic_write_text
+
+        atomic_write_text(args.out, text)
+        print(f"{len(clusters)} clusters ({sum(len(c.ids) for c in clusters)} images) at cosine >= "
+              f"{args.threshold:g} written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from retrieval.index.migrate import migrate_folder
+
+    manifest = migrate_folder(args.index)
+    print(f"migrated {args.index}: {manifest.count} rows in meta.sqlite")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from retrieval.index import IndexStore
 
@@ -186,8 +276,8 @@ def _cmd_encoders(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "build": _cmd_build, "add": _cmd_add, "remove": _cmd_remove, "search": _cmd_search, "info": _cmd_info,
-    "encoders": _cmd_encoders,
+    "build": _cmd_build, "add": _cmd_add, "remove": _cmd_remove, "sync": _cmd_sync, "dupes": _cmd_dupes,
+    "migrate": _cmd_migrate, "search": _cmd_search, "info": _cmd_info, "encoders": _cmd_encoders,
 }
 
 
@@ -195,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("retrieval.encoders").setLevel(logging.INFO)  # the engine/precision choice, once, with why
-    if args.command in ("build", "add", "remove", "search"):
+    if args.command in ("build", "add", "remove", "sync", "dupes", "migrate", "search"):
         from retrieval.index import configure_faiss
 
         configure_faiss()
@@ -203,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except RetrievalError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a file-size limit, permissions, an I/O error
+        print(f"error: {exc}\nThe published index is unchanged (every write is atomic) and finished work is kept: "
+              f"fix the cause and rerun the same command to resume.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

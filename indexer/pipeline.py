@@ -33,7 +33,8 @@ from indexer.shards import ShardStore
 from retrieval.datasets import ImageRecord, load_dataset, scan_images
 from retrieval.encoders.spec import EncoderSpec
 from retrieval.errors import BadInput
-from retrieval.index import Manifest, add_to_index, write_index
+from retrieval.file_facts import file_facts
+from retrieval.index import IndexStore, Manifest, add_to_index, write_index
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,15 @@ class Engine(Protocol):
 
 
 def record_metadata(record: ImageRecord) -> dict[str, Any]:
-    """The metadata row stored beside a vector."""
+    """The metadata row stored beside a vector: id, path, captions, split, and the file's facts (size, mtime,
+    pixel size, taken_at, camera, content hash: :func:`retrieval.file_facts.file_facts`)."""
     row: dict[str, Any] = {"id": record.id, "path": record.id, "captions": list(record.captions)}
     if record.split:
         row["split"] = record.split
+    try:
+        row.update(file_facts(record.path))
+    except OSError as exc:  # vanished since the scan: the encoder reports it as skipped
+        log.warning("cannot read the facts of %s: %s", record.path, exc)
     return row
 
 
@@ -178,8 +184,12 @@ class BuildResult:
 
 def build_params(spec: EncoderSpec, settings: IndexerSettings, root: Path, **extra: Any) -> dict[str, Any]:
     """What the manifest records about how the index was built (spec lets `search` rebuild the encoder)."""
+    from retrieval.heads import checkpoint_calibration  # torch: loaded only when an index is written
+
     return {
         "encoder_spec": spec.model_dump(exclude={"device"}),
+        # score -> probability of relevance shipped with the heads (fitted on a dev split by the trainer), or None
+        "calibration": checkpoint_calibration(spec.heads),
         "source_root": str(root),
         "batch_size": settings.batch_size,  # None: chosen per device (IndexerSettings.batch_for)
         "workers": settings.workers,
@@ -272,8 +282,9 @@ def add_images(
     engine: Engine | None = None,
 ) -> tuple[Manifest, list[tuple[str, str]]]:
     """Encode the image files ``paths`` (files or folders, ids relative to ``root``) and add them to an existing
-    index. Resumable like a build (work folder ``INDEX.add.partial``). Returns the new manifest and the skipped
-    (id, reason) pairs."""
+    index. Images whose ids the index already holds are left as they are (``sync`` re-encodes changed files), so
+    running the same add again, or again after it was killed at any point, changes nothing more. Resumable like
+    a build (work folder ``INDEX.add.partial``). Returns the new manifest and the skipped (id, reason) pairs."""
     from indexer.local_engine import LocalEngine
 
     settings = settings or IndexerSettings()
@@ -285,12 +296,18 @@ def add_images(
         raise BadInput(f"no images to add among {sorted(map(str, wanted))[:5]} under {root}")
     engine = engine or LocalEngine.from_settings(settings)
     store = ShardStore(work_dir_for(Path(index_dir).with_name(Path(index_dir).name + ".add")), engine.identity(), root)
-    todo = store.pending(records)
+    indexed = IndexStore.open(index_dir, expected_encoder=engine.identity())
+    new = [r for r in records if r.id not in indexed]
+    if len(new) < len(records):
+        log.info("%d of %d images are already in the index", len(records) - len(new), len(records))
+    todo = store.pending(new)
     encode_into(store, todo, engine.encode(todo), settings)
     vectors, metadata, skipped = store.read_all()
-    if not metadata:
+    if not metadata:  # every image is indexed already (a rerun) or could not be encoded (listed in skipped)
         store.discard()
-        raise BadInput("none of the images could be encoded: " + "; ".join(f"{i}: {r}" for i, r in skipped[:5]))
-    manifest = add_to_index(index_dir, vectors, metadata, encoder_identity=engine.identity(), skipped=skipped)
+        return indexed.manifest, skipped
+    # on_existing="skip": rows this job published before it was killed are in the index already
+    manifest = add_to_index(index_dir, vectors, metadata, encoder_identity=engine.identity(), skipped=skipped,
+                            on_existing="skip")
     store.discard()
     return manifest, skipped

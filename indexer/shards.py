@@ -61,7 +61,8 @@ class ShardStore:
             atomic_write_text(state_path, json.dumps({"encoder": encoder_identity, "source_root": str(root)}, indent=2))
         self.encoder_identity = encoder_identity
         self.root = Path(root)
-        self._next = len(self.shard_paths())
+        # After the work folder was partly deleted (a kill while discarding it), numbers have gaps: never reuse one.
+        self._next = max((int(p.stem.split("-")[1]) + 1 for p in self.shard_paths()), default=0)
         self._ids: list[str] = []
         self._vectors: list[np.ndarray] = []
         self._meta: list[dict[str, Any]] = []

@@ -32,6 +32,7 @@ from retrieval.errors import BadInput
 __all__ = [
     "f1_at_k",
     "precision_at_k",
+    "query_metrics",
     "rank_of_first_relevant",
     "recall_at_k",
     "relevant_positions",
@@ -242,3 +243,29 @@ def retrieval_metrics(
     }
     result["rsum"] = float(sum(result[d][f"R@{k}"] for d in ("t2i", "i2t") for k in ks))
     return result
+
+
+def query_metrics(
+    query_emb: np.ndarray,
+    cand_emb: np.ndarray,
+    relevant: Sequence[np.ndarray],
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    block_bytes: int = _DEFAULT_BLOCK_BYTES,
+) -> dict[str, Any]:
+    """One-direction metrics for queries with any number of relevant candidates (class retrieval: the query
+    "a photo of a piano." and every piano photo).
+
+    ``query_emb`` (n_q, d), ``cand_emb`` (n_c, d): L2-normalised float32; ``relevant[i]``: int indices into the
+    candidates (>= 1 each). Returns ``R@K``, ``P@K``, ``F1@K``, ``mAP``, ranks and ``n_queries`` as in
+    :func:`retrieval_metrics`.
+    """
+    q = np.ascontiguousarray(query_emb, dtype=np.float32)
+    c = np.ascontiguousarray(cand_emb, dtype=np.float32)
+    if q.ndim != 2 or c.ndim != 2 or q.shape[1] != c.shape[1]:
+        raise BadInput(f"embeddings must be (n, d) with the same d, got {q.shape} and {c.shape}")
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1:
+        raise BadInput("ks must be positive integers")
+    rel = _as_relevance(relevant, q.shape[0], c.shape[0])
+    return _direction_metrics(_blocked_positions(q, c, rel, block_bytes), ks)

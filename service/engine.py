@@ -11,19 +11,22 @@ import json
 import logging
 import threading
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from retrieval.errors import BadInput, BadQuery, IndexNotFound, UnknownId
+from retrieval.errors import BadInput, BadQuery, IndexNotFound, RetrievalError, UnknownId
 from retrieval.images import IMAGE_EXTENSIONS, load_image
-from retrieval.index import IndexStore, set_thread_omp_threads
+from retrieval.index import IndexStore, MetaFilter, set_thread_omp_threads
+from service import library
+from service.query import SearchSpec, Term
+from service.query import normalize_text as normalize_query
+from service.searching import Hit, Limits, Page, combine, run_search
 
 if TYPE_CHECKING:
     from retrieval.encoders import Encoder
@@ -72,28 +75,7 @@ class LRUCache:
         return len(self._data)
 
 
-def normalize_query(text: str) -> str:
-    """NFKC, whitespace runs collapsed to one space, stripped. Case is kept (not every model is uncased)."""
-    return " ".join(unicodedata.normalize("NFKC", text).split())
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One result: ``row`` in the index, its ``id``, cosine ``score`` and the row's metadata (without the path)."""
-
-    rank: int
-    row: int
-    id: str
-    score: float
-    metadata: dict[str, Any]
-
-
-class TextQuery(NamedTuple):
-    """One text search request (routes may pass a plain ``(text, k, min_score)`` tuple)."""
-
-    text: str
-    k: int
-    min_score: float | None = None
+__all__ = ["Hit", "LRUCache", "Page", "Searcher", "Snapshot", "normalize_query"]
 
 
 @dataclass
@@ -105,6 +87,21 @@ class Snapshot:
     image_root: Path | None
     generation: int
     loaded_at: float = field(default_factory=time.time)
+    #: rows of recent filters (pages of one search repeat its filter)
+    filter_cache: LRUCache = field(default_factory=lambda: LRUCache(64))
+
+    def rows_for(self, flt: MetaFilter) -> np.ndarray | None:
+        """The rows passing ``flt`` (None: every row), cached per snapshot."""
+        if flt.is_empty():
+            return None
+        key = flt.key()
+        rows = self.filter_cache.get(key)
+        if rows is None:
+            rows = self.store.meta.select(flt)
+            if rows is not None:
+                rows.setflags(write=False)
+            self.filter_cache.put(key, rows)
+        return rows  # type: ignore[no-any-return]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,6 +126,9 @@ class Searcher:
         max_image_pixels: int = 40_000_000,
         mmap: bool = True,
         omp_threads: int = 1,
+        max_offset: int = 1000,
+        limits: Limits | None = None,
+        fusion_head: str | Path | None = None,
     ):
         self.encoder = encoder
         self.identity = encoder.identity()
@@ -142,6 +142,16 @@ class Searcher:
         #: faiss OpenMP threads for searches made by this searcher, set per calling thread (see
         #: :func:`~retrieval.index.set_thread_omp_threads`: idle OpenMP workers spin after every search)
         self.omp_threads = omp_threads
+        self.max_offset = max_offset
+        self.limits = limits or Limits()
+        #: score -> probability of relevance, from the encoder's head checkpoint (None: not calibrated)
+        self.calibration = getattr(encoder, "calibration", None)
+        #: composes image + text queries (retrieval.fusion), when the service has one
+        self.fusion: Any = None
+        if fusion_head is not None:
+            from retrieval.fusion import load_fusion  # torch: only when a head is configured
+
+            self.fusion, _ = load_fusion(fusion_head, expected_encoder=self.identity)
         self.query_cache = LRUCache(cache_size)
         self.thumb_cache = LRUCache(thumb_cache_size)
         self._reload_lock = threading.Lock()
@@ -151,6 +161,7 @@ class Searcher:
     # -- index lifecycle -----------------------------------------------------------------------------------------
     def _open(self, index_dir: Path) -> Snapshot:
         store = IndexStore.open(index_dir, expected_encoder=self.identity, mmap=self.mmap, gpu=None)
+        store.meta.dates()  # the date index of the filters, read now rather than by the first dated query
         root = self.image_root_override
         if root is None:
             src = (store.manifest.build or {}).get("source_root")
@@ -229,127 +240,113 @@ class Searcher:
             return np.zeros((0, self.encoder.dim), np.float32)
         return np.stack(out).astype(np.float32, copy=False)  # type: ignore[arg-type]
 
-    def search_text_batch(self, queries: Sequence[TextQuery]) -> list[list[Hit] | BaseException]:
-        """The micro-batcher's function: one encoder call and one index search for the whole batch. A bad query
-        yields its exception in its slot, the others still get answers."""
-        results: list[list[Hit] | BaseException] = [[] for _ in queries]
-        good: list[int] = []
-        texts: list[str] = []
-        queries = [TextQuery(*q) for q in queries]
-        for i, q in enumerate(queries):
-            try:
-                self.check_k(q.k)
-                texts.append(self.check_query(q.text))
-                good.append(i)
-            except BadInput as exc:
-                results[i] = exc
-        if good:
-            vecs = self.embed_texts(texts)
-            hits = self.search_vectors(vecs, [queries[i].k for i in good], [queries[i].min_score for i in good])
-            for i, h in zip(good, hits, strict=True):
-                results[i] = h
-        return results
+    def check_spec(self, spec: SearchSpec) -> SearchSpec:
+        """The spec with each term's text normalized; :class:`BadInput` / :class:`BadQuery` for limits the service
+        sets below the schema's ceilings (top_k, offset, query length)."""
+        self.check_k(spec.k)
+        if spec.offset > self.max_offset:
+            raise BadInput(f"offset is {spec.offset}; the limit is {self.max_offset}")
+        terms = tuple(Term(self.check_query(t.text), t.weight) for t in spec.terms)
+        return replace(spec, terms=terms)
 
-    # -- vectors ---------------------------------------------------------------------------------------------------
-    def search_vectors(
-        self,
-        vectors: np.ndarray,
-        ks: int | Sequence[int],
-        min_scores: float | Sequence[float | None] | None = None,
-        *,
-        exclude: Sequence[str | None] | None = None,
-        snapshot: Snapshot | None = None,
-    ) -> list[list[Hit]]:
-        """``(q, dim)`` float32 queries -> hit lists. One index search with the largest ``k``; ``exclude`` drops one
-        id per query (the query item itself for "similar")."""
-        snap = snapshot or self._snapshot
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dim:
-            raise BadInput(f"query vectors must have shape (n, {self.encoder.dim}), got {vectors.shape}")
-        n = vectors.shape[0]
-        k_list = [ks] * n if isinstance(ks, int) else list(ks)
-        ms_list = list(min_scores) if isinstance(min_scores, Sequence) else [min_scores] * n
-        ex_list = list(exclude) if exclude is not None else [None] * n
-        for k in k_list:
-            self.check_k(k)
-        k_max = min(max(k_list) + (1 if exclude is not None else 0), max(len(snap.store.ids), 1))
-        set_thread_omp_threads(self.omp_threads)
-        scores, rows = snap.store.search(vectors, k_max)
-        out: list[list[Hit]] = []
-        for qi in range(n):
-            hits: list[Hit] = []
-            for score, row in zip(scores[qi], rows[qi], strict=True):
-                row = int(row)
-                if row < 0:
-                    continue
-                ms = ms_list[qi]
-                if ms is not None and float(score) < ms:
-                    break  # scores come sorted, best first
-                meta = snap.store.get(row)
-                if ex_list[qi] is not None and meta["id"] == ex_list[qi]:
-                    continue
-                extra = {key: val for key, val in meta.items() if key not in ("id", "path")}
-                hits.append(Hit(rank=len(hits) + 1, row=row, id=str(meta["id"]), score=float(score), metadata=extra))
-                if len(hits) >= k_list[qi]:
-                    break
-            out.append(hits)
-        return out
+    def term_vectors(self, specs: Sequence[SearchSpec]) -> dict[str, np.ndarray]:
+        texts = list(dict.fromkeys(t.text for s in specs for t in s.terms))
+        return dict(zip(texts, self.embed_texts(texts), strict=True)) if texts else {}
+
+    def answer(self, spec: SearchSpec, vectors: dict[str, np.ndarray], snap: Snapshot | None = None,
+               image_vector: np.ndarray | None = None) -> Page:
+        """One checked spec with its term vectors (text -> ``(dim,)`` float32) and an uploaded image's vector ->
+        a page, over ``snap`` (default: the current snapshot)."""
+        snap = snap or self._snapshot
+        if spec.image_id is not None:
+            if image_vector is not None:
+                raise BadInput("image_id: give an indexed image or upload one, not both")
+            try:
+                image_vector = snap.store.vector(spec.image_id)
+            except UnknownId:
+                raise UnknownId(f"image_id: no item with id {spec.image_id!r} in the index") from None
+            spec = replace(spec, exclude=(*spec.exclude, spec.image_id))
+        term_vecs = np.stack([vectors[t.text] for t in spec.terms]) if spec.terms else np.zeros((0, self.encoder.dim))
+        weights = [t.weight for t in spec.terms]
+        fuse = image_vector is not None and bool(spec.terms) and (
+            spec.compose == "fusion" or (spec.compose == "auto" and self.fusion is not None))
+        if fuse and self.fusion is None:
+            raise BadInput("compose: this service has no fusion head (set SERVICE_FUSION_HEAD), use sum or auto")
+        if fuse:
+            query = self.fusion.compose(image_vector, combine(term_vecs, weights))[0]
+        else:
+            query = combine(term_vecs, weights, image_vector, spec.image_weight)
+        set_thread_omp_threads(self.omp_threads)  # this thread's faiss OpenMP team (idle workers spin otherwise)
+        page = run_search(snap.store, spec, query, rows_for=snap.rows_for, calibration=self.calibration,
+                          limits=self.limits)
+        return replace(page, compose="fusion" if fuse else "sum", truncated_to=self._truncated_to(spec))
+
+    def _truncated_to(self, spec: SearchSpec) -> int | None:
+        """The text model's token limit when a term of ``spec`` is longer and was cut to it (else None)."""
+        texts = [t.text for t in spec.terms]
+        cuts = getattr(self.encoder, "text_truncation", lambda t: [None] * len(t))(texts) if texts else []
+        return next((c for c in cuts if c), None)
+
+    def search_specs(self, specs: Sequence[SearchSpec]) -> list[Page | BaseException]:
+        """Specs -> pages, here and now: one encoder call for the term texts the query cache lacks, then each
+        search (the service runs specs with texts through its pipelines, :mod:`service.stages`, and specs with
+        only an indexed image here). A bad spec yields its exception in its slot; the others still get answers."""
+        snap = self._snapshot
+        results: list[Page | BaseException] = [Page([], None) for _ in specs]
+        checked: dict[int, SearchSpec] = {}
+        for i, spec in enumerate(specs):
+            try:
+                checked[i] = self.check_spec(spec)
+            except RetrievalError as exc:
+                results[i] = exc
+        vectors = self.term_vectors(list(checked.values()))
+        for i, spec in checked.items():
+            try:
+                results[i] = self.answer(spec, vectors, snap)
+            except RetrievalError as exc:
+                results[i] = exc
+        return results
 
     # -- images ----------------------------------------------------------------------------------------------------
-    def search_image_batch(self, items: Sequence[tuple[bytes, int, float | None]]) -> list[list[Hit] | BaseException]:
-        """The image batcher's function: ``(encoded image bytes, k, min_score)`` items. Undecodable images
-        (not an image, truncated, decompression bombs) yield :class:`BadImage` in their slot."""
-        results: list[list[Hit] | BaseException] = [[] for _ in items]
-        pixels: list[Any] = []
-        good: list[int] = []
-        for i, (data, k, _) in enumerate(items):
-            try:
-                self.check_k(k)
-                pixels.append(self.decode_upload(data))
-                good.append(i)
-            except BadInput as exc:
-                results[i] = exc
-        if good:
-            vecs = self.encoder.encode_pixels(np.stack(pixels))
-            hits = self.search_vectors(vecs, [items[i][1] for i in good], [items[i][2] for i in good])
-            for i, h in zip(good, hits, strict=True):
-                results[i] = h
-        return results
-
     def decode_upload(self, data: bytes) -> np.ndarray:
         """Encoded image bytes -> the encoder's input pixels ``(3, H, W)`` float32. Raises :class:`BadImage`
         (not an image, truncated, a decompression bomb). CPU-bound: the service runs it in its decode pool."""
         image = load_image(data, max_pixels=self.max_image_pixels, draft=self.encoder.decode_draft())
         return np.asarray(self.encoder.image_transform(image), dtype=np.float32)
 
-    def similar(self, item_id: str, k: int, min_score: float | None = None) -> list[Hit]:
-        """Nearest neighbours of an indexed item (the item itself left out). Raises UnknownId."""
-        snap = self._snapshot
-        vec = np.asarray(snap.store.vector(item_id), dtype=np.float32).reshape(1, -1)
-        return self.search_vectors(vec, k, min_score, exclude=[item_id], snapshot=snap)[0]
-
     # -- files -----------------------------------------------------------------------------------------------------
     def image_path(self, item_id: str) -> Path:
-        """The image file of an indexed id. Only ids in the index are served, and the resolved path must lie
-        inside the image root (a crafted index cannot point outside it). Raises UnknownId."""
+        """The image file of an indexed id. Only ids in the index are served, and the file, symlinks resolved, must
+        lie inside the image root: a crafted index (``..``, absolute paths, NUL bytes) or a symlink in the photo
+        folder pointing out of it gets :class:`UnknownId` (404) like an unknown id."""
         snap = self._snapshot
         row = snap.store.row_of(item_id)  # UnknownId for anything not indexed, including "../../etc/passwd"
         meta = snap.store.get(row)
         if snap.image_root is None:
             raise UnknownId(f"{item_id!r}: the index records no image root and none is configured")
         rel = str(meta.get("path") or meta["id"])
-        path = (snap.image_root / rel).resolve()
-        if not path.is_relative_to(snap.image_root) or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        try:
+            if "\x00" in rel:
+                raise ValueError("NUL byte")
+            path = (snap.image_root / rel).resolve()
+            inside = path.is_relative_to(snap.image_root) and path.suffix.lower() in IMAGE_EXTENSIONS
+            exists = inside and path.is_file()
+        except (OSError, ValueError, RuntimeError):  # NUL, a symlink loop, a name too long...
+            inside = exists = False
+        if not inside:
             log.warning("refused image path outside the root", extra={"id": item_id, "path": rel})
             raise UnknownId(f"{item_id!r} has no servable image")
-        if not path.is_file():
+        if not exists:
             raise UnknownId(f"the image file of {item_id!r} is missing")
         return path
 
     def thumbnail(self, item_id: str) -> bytes:
         """A JPEG whose longest side is ``thumb_size``; cached by file path, size and mtime."""
         path = self.image_path(item_id)
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError as exc:  # deleted since image_path looked
+            raise UnknownId(f"the image file of {item_id!r} is missing") from exc
         key = (str(path), st.st_mtime_ns, st.st_size, self.thumb_size)
         cached = self.thumb_cache.get(key)
         if cached is not None:
@@ -361,6 +358,27 @@ class Searcher:
         data = buf.getvalue()
         self.thumb_cache.put(key, data)
         return data
+
+    # -- library -------------------------------------------------------------------------------------------------
+    def duplicates(self, threshold: float) -> tuple[int, list[Any]]:
+        """(generation, near-duplicate clusters at cosine ``>= threshold``), computed once per snapshot and
+        threshold (:func:`service.library.duplicates`)."""
+        snap = self._snapshot
+        key = ("dupes", round(float(threshold), 6))
+        clusters = snap.filter_cache.get(key)
+        if clusters is None:
+            clusters = library.duplicates(snap.store, threshold)
+            snap.filter_cache.put(key, clusters)
+        return snap.generation, clusters  # type: ignore[return-value]
+
+    def library_info(self) -> library.Library:
+        """Folders and date range of the current snapshot (for the page's filters)."""
+        return library.library(self._snapshot.store)
+
+    def embed(self, inputs: Sequence[str], max_image_bytes: int) -> np.ndarray:
+        """Texts and ``data:`` URL images -> ``(n, dim)`` float32 (``POST /v1/embeddings``)."""
+        return library.embed_inputs(self.encoder, inputs, max_image_bytes=max_image_bytes,
+                                    max_pixels=self.max_image_pixels, check_text=self.check_query)
 
     # -- housekeeping ----------------------------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -382,6 +400,8 @@ class Searcher:
             "index_dir": str(snap.index_dir),
             "generation": snap.generation,
             "loaded_at": snap.loaded_at,
+            "calibrated": self.calibration is not None,
+            "fusion": self.fusion is not None,
             "query_cache": {"size": len(self.query_cache), "hits": self.query_cache.hits,
                             "misses": self.query_cache.misses},
             "thumb_cache": {"size": len(self.thumb_cache), "hits": self.thumb_cache.hits,

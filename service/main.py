@@ -19,9 +19,17 @@ from fastapi.staticfiles import StaticFiles
 
 from retrieval.cli_flags import add_settings_flags, settings_from_flags
 from service.api.deps import ServiceState
-from service.api.routes import admin, health, images, pages, search
+from service.api.routes import admin, embeddings, health, images, library, pages, search
+from service.auth import KeyRing, TrustedProxies
 from service.errors import install_error_handlers
-from service.middleware import AccessLogMiddleware, BodyLimitMiddleware, RateLimitMiddleware, TokenBuckets
+from service.index_watch import index_watcher
+from service.middleware import (
+    AccessLogMiddleware,
+    BodyLimitMiddleware,
+    RateLimitMiddleware,
+    SecurityHeadersMiddleware,
+    TokenBuckets,
+)
 from service.observability import Metrics, configure_logging
 from service.settings import ServiceSettings
 
@@ -37,6 +45,7 @@ def _lifespan(encoder: Encoder | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from service.engine import Searcher
+        from service.searching import Limits
         from service.stages import make_pipelines
 
         state: ServiceState = app.state.service
@@ -69,6 +78,9 @@ def _lifespan(encoder: Encoder | None):
                     thumb_cache_size=cfg.thumb_cache_size, thumb_size=cfg.thumb_size,
                     max_query_chars=cfg.max_query_chars, max_top_k=cfg.max_top_k,
                     max_image_pixels=cfg.max_image_pixels, omp_threads=cfg.search_omp_threads,
+                    max_offset=cfg.max_offset,
+                    limits=Limits(max_sort_candidates=cfg.max_sort_candidates, hybrid_pool=cfg.hybrid_pool),
+                    fusion_head=cfg.fusion_head,
                 )
             )
         except Exception as exc:
@@ -101,7 +113,8 @@ def _lifespan(encoder: Encoder | None):
                                          "encoder": searcher.store.manifest.encoder_label,
                                          "runtime": enc.runtime_label(), "batching": cfg.batching})
         try:
-            yield
+            async with index_watcher(state, cfg.watch_index_s):
+                yield
         finally:
             state.ready = False  # readiness fails first, then queued work drains
             await state.text_runner.stop()
@@ -125,32 +138,41 @@ def create_app(settings: ServiceSettings | None = None, *, encoder: Encoder | No
         redirect_slashes=False,
     )
     metrics = Metrics()
-    app.state.service = ServiceState(settings=settings, metrics=metrics)
+    keys = KeyRing(settings.api_keys)
+    trusted = TrustedProxies(settings.trusted_proxies)
+    app.state.service = ServiceState(settings=settings, metrics=metrics, keys=keys)
 
     install_error_handlers(app)
     app.include_router(search.router)
+    app.include_router(library.router)
+    app.include_router(embeddings.router)
     app.include_router(health.router)
     app.include_router(images.router)
     app.include_router(admin.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
 
-    # Middleware: the last added runs first. Order seen by a request: access log -> CORS -> rate limit -> body limit.
+    # Middleware: the last added runs first. Order seen by a request: access log -> security headers -> CORS ->
+    # rate limit -> body limit.
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_body_bytes,
-        limits={"/api/search/image": settings.max_upload_bytes + MULTIPART_OVERHEAD},
+        limits={"/api/search/image": settings.max_upload_bytes + MULTIPART_OVERHEAD,
+                "/v1/embeddings": settings.max_embeddings_body_bytes},
     )
     if settings.rate_limit.enabled:
-        app.add_middleware(RateLimitMiddleware, buckets=TokenBuckets(settings.rate_limit), metrics=metrics)
+        app.add_middleware(RateLimitMiddleware, buckets=TokenBuckets(settings.rate_limit), metrics=metrics,
+                           keys=keys, trusted=trusted)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", "X-API-Key", "X-Request-ID"],
+            expose_headers=["Warning", "X-Query-Truncated", "X-Request-ID"],
         )
-    app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log)
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log, trusted=trusted)
     return app
 
 
@@ -183,8 +205,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(settings.log_level, settings.log_json)
     app = create_app(settings)
     # uvicorn uses httptools and uvloop when installed (C parser and loop instead of pure-Python h11 + asyncio).
+    # Trusted proxies: uvicorn rewrites the client address from X-Forwarded-For for the same peers the rate limiter
+    # trusts (left to uvicorn's own default, FORWARDED_ALLOW_IPS or 127.0.0.1, when none are configured).
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=30)
+                timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=30,
+                forwarded_allow_ips=settings.trusted_proxies or None)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
-"""Pure ASGI middleware: body size limit, token-bucket rate limit, access log + request metrics."""
+"""Pure ASGI middleware: body size limit, token-bucket rate limit, security headers, access log + request metrics."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -11,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from service.auth import KeyRing, TrustedProxies, client_address, client_identity
 from service.observability import Metrics
 from service.settings import RateLimitSettings
 
@@ -109,23 +109,22 @@ class TokenBuckets:
 
 
 class RateLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, buckets: TokenBuckets, metrics: Metrics):
+    """One token bucket per validated identity (:func:`service.auth.client_identity`): a configured API key's own,
+    else the client address (behind ``trusted`` proxies, the forwarded one)."""
+
+    def __init__(self, app: ASGIApp, *, buckets: TokenBuckets, metrics: Metrics, keys: KeyRing,
+                 trusted: TrustedProxies):
         self.app = app
         self.buckets = buckets
         self.metrics = metrics
+        self.keys = keys
+        self.trusted = trusted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in QUIET_PATHS:
             await self.app(scope, receive, send)
             return
-        key = None
-        for name, value in scope.get("headers", []):
-            if name == b"x-api-key":
-                key = "key:" + hashlib.sha256(value).hexdigest()[:16]
-        if key is None:
-            client = scope.get("client")
-            key = "ip:" + (client[0] if client else "unknown")
-        if not self.buckets.allow(key):
+        if not self.buckets.allow(client_identity(scope, self.keys, self.trusted)):
             self.metrics.rejected.labels("rate_limit").inc()
             await send_json(
                 send, 429, {"error": "RateLimited", "detail": "too many requests; slow down"}, [(b"retry-after", b"1")]
@@ -134,13 +133,56 @@ class RateLimitMiddleware:
         await self.app(scope, receive, send)
 
 
-class AccessLogMiddleware:
-    """Times every request, counts it by route template and status, writes one JSON access-log line."""
+#: The page's policy: its own scripts, styles, images and API only; no plugins, no framing, no foreign forms.
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+#: Every other response (JSON, images): nothing may run in it, and it may not be framed.
+API_CSP = "default-src 'none'; frame-ancestors 'none'; sandbox"
+#: The API docs load Swagger UI / ReDoc from their CDN: only framing is forbidden there.
+DOCS_CSP = "frame-ancestors 'none'"
+DOCS_PATHS = ("/docs", "/redoc")
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, enabled: bool = True):
+
+class SecurityHeadersMiddleware:
+    """Adds Content-Security-Policy (with frame-ancestors), X-Frame-Options, X-Content-Type-Options and
+    Referrer-Policy to every HTTP response (a header the app set itself wins)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path == "/" or path.startswith("/static/"):
+            csp = PAGE_CSP
+        elif path.startswith(DOCS_PATHS):
+            csp = DOCS_CSP
+        else:
+            csp = API_CSP
+        extra = [(b"content-security-policy", csp.encode()), (b"x-frame-options", b"DENY"),
+                 (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                have = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []), *((k, v) for k, v in extra if k not in have)]
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
+class AccessLogMiddleware:
+    """Times every request, counts it by route template and status, writes one JSON access-log line (no header
+    values but the request id: API keys are never logged)."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, enabled: bool = True,
+                 trusted: TrustedProxies | None = None):
         self.app = app
         self.metrics = metrics
         self.enabled = enabled
+        self.trusted = trusted or TrustedProxies([])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -173,7 +215,6 @@ class AccessLogMiddleware:
             self.metrics.requests.labels(scope["method"], template, str(status)).inc()
             self.metrics.latency.labels(template).observe(seconds)
             if self.enabled and (scope["path"] not in QUIET_PATHS or status >= 400):
-                client = scope.get("client")
                 access_log.info(
                     "request",
                     extra={
@@ -182,7 +223,7 @@ class AccessLogMiddleware:
                         "route": template,
                         "status": status,
                         "ms": round(seconds * 1000, 2),
-                        "client": client[0] if client else None,
+                        "client": client_address(scope, self.trusted),
                         "request_id": request_id,
                     },
                 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from retrieval.settings import EncoderSettings
@@ -16,10 +16,16 @@ from retrieval.settings import EncoderSettings
 HARD_MAX_QUERY_CHARS = 2000
 HARD_MAX_TOP_K = 1000
 HARD_MAX_BATCH_QUERIES = 64
+#: Deepest result a page may start at (offset), and most ids a filter may list.
+HARD_MAX_OFFSET = 10_000
+HARD_MAX_FILTER_IDS = 1_000
+#: Most inputs one POST /v1/embeddings may carry.
+HARD_MAX_EMBEDDING_INPUTS = 2048
 
 
 class RateLimitSettings(BaseModel):
-    """Token bucket per client (API key if given, else the peer address). Off by default."""
+    """Token bucket per client: a configured API key's own bucket, else the client address (the forwarded one only
+    behind ``trusted_proxies``). Off by default."""
 
     enabled: bool = False
     per_second: float = Field(default=20.0, gt=0, description="tokens added per second")
@@ -36,6 +42,9 @@ class ServiceSettings(BaseSettings):
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)  # type: ignore[arg-type]  # core Field style
     image_root: Path | None = Field(
         default=None, description="image folder; default: the manifest's build.source_root"
+    )
+    fusion_head: Path | None = Field(
+        default=None, description="fusion head checkpoint (python -m trainer fusion) for image + text queries"
     )
 
     # micro-batching of text (and image) encoding
@@ -73,7 +82,26 @@ class ServiceSettings(BaseSettings):
     max_top_k: int = Field(default=100, ge=1, le=HARD_MAX_TOP_K)
     default_top_k: int = Field(default=12, ge=1, le=HARD_MAX_TOP_K)
     max_batch_queries: int = Field(default=32, ge=1, le=HARD_MAX_BATCH_QUERIES)
+    max_offset: int = Field(default=1000, ge=0, le=HARD_MAX_OFFSET, description="deepest page start (offset)")
+    max_sort_candidates: int = Field(
+        default=1000, ge=1, le=HARD_MAX_OFFSET + HARD_MAX_TOP_K,
+        description="a date sort orders at most this many best hits (those passing min_score / min_relevance)",
+    )
+    hybrid_pool: int = Field(default=200, ge=1, le=10_000,
+                             description="hybrid mode: candidates taken from each ranking before the fusion")
+    default_min_relevance: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="the page hides hits below this calibrated relevance (a 'show all' toggle reveals them)",
+    )
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="image upload limit")
+    max_embedding_inputs: int = Field(default=256, ge=1, le=HARD_MAX_EMBEDDING_INPUTS,
+                                      description="inputs per POST /v1/embeddings")
+    max_embeddings_body_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024,
+        description="body limit of POST /v1/embeddings (images come as base64 data URLs)")
+    min_duplicates_threshold: float = Field(
+        default=0.8, ge=-1.0, le=1.0,
+        description="lowest threshold GET /api/duplicates accepts (lower ones link most of a collection)")
     max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="limit for every other request body")
     max_image_pixels: int = Field(
         default=40_000_000, ge=1, description="decoded pixels above this are refused (bombs)"
@@ -85,7 +113,23 @@ class ServiceSettings(BaseSettings):
         default=False, description="with api_keys: require a key on every /api route, not only admin"
     )
     cors_origins: list[str] = Field(default_factory=list)
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses or networks (10.0.0.0/8) of reverse proxies whose X-Forwarded-For is believed",
+    )
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError as exc:
+                raise ValueError(f"trusted_proxies: {entry!r} is not an address or network ({exc})") from exc
+        return value
 
     # process
     host: str = "127.0.0.1"
@@ -99,6 +143,11 @@ class ServiceSettings(BaseSettings):
     log_json: bool = True
     access_log: bool = True
     warmup: bool = True
+    watch_index_s: float | None = Field(
+        default=None, gt=0, le=3600,
+        description="check the index folder every N seconds and hot-reload a new version (e.g. after "
+        "`indexer sync`); None: only POST /api/admin/reload",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, le=256,
         description="torch intra-op threads (None: torch's default). On a small shared CPU, 1 leaves a core to the "

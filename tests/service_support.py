@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,46 @@ def build_test_index(encoder: Any, out: Path, images: Path, n: int = 12, *, seed
 
 
 @asynccontextmanager
-async def running_app(settings: Any, encoder: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    """``create_app(settings, encoder=...)`` with its lifespan entered, and an httpx client on it."""
+async def running_app(settings: Any, encoder: Any, *, raise_app_exceptions: bool = True
+                      ) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """``create_app(settings, encoder=...)`` with its lifespan entered, and an httpx client on it.
+    ``raise_app_exceptions=False``: an unhandled error becomes the 500 a real client would get."""
     from service.main import create_app
 
     app = create_app(settings, encoder=encoder)
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 12345))
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 12345),
+                                        raise_app_exceptions=raise_app_exceptions)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30) as client:
             yield app, client
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Run ``app`` under uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import pytest
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
 
 
 def jpeg_bytes(size: tuple[int, int] = (40, 30), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:

@@ -201,3 +201,46 @@ def test_skipped_list_is_part_of_the_published_folder_and_survives_add_and_remov
     manifest, skipped = add_images(out, [src / "b"], settings, root=src, engine=LocalEngine(tiny_encoder, settings))
     assert manifest.count == 5 and [i for i, _ in skipped] == ["b/also-broken.png"]
     assert sorted(listed()) == ["a/broken.jpg", "b/also-broken.png"]
+
+
+def test_a_partly_deleted_work_folder_never_has_a_shard_overwritten(tmp_path, tiny_encoder):
+    """A kill while the finished job deleted its work folder leaves shards 2..4 of 0..4. Before: the next shard was
+    numbered by count (3) and overwrote a committed one, losing its vectors."""
+    src = tmp_path / "src"
+    make_images(src, 14)
+    out = tmp_path / "idx"
+
+    def stop(n: int) -> None:
+        if n == 5:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        _build(src, out, _settings(), tiny_encoder, on_shard=stop)
+    work = work_dir_for(out)
+    for name in ("shard-000000.npz", "shard-000001.npz"):
+        (work / name).unlink()
+    result = _build(src, out, _settings(), tiny_encoder)
+    assert result.resumed == 8 and result.stats.encoded == 6
+    store = IndexStore.open(out)
+    assert store.count == 14 and sorted(store.ids) == sorted(p.name for p in src.glob("*.jpg"))
+
+
+def test_add_again_changes_nothing_and_succeeds(tmp_path, tiny_encoder):
+    """Running the same add twice (a user's rerun, or a rerun after a kill once it had published). Before: the
+    second run failed with "ids already in the index"."""
+    from indexer.pipeline import add_images
+
+    src = tmp_path / "src"
+    make_images(src / "a", 3)
+    out = tmp_path / "idx"
+    settings = _settings()
+    _build(src, out, settings, tiny_encoder)
+    make_images(src / "b", 2, seed=5)
+    (src / "b" / "broken.jpg").write_bytes(b"nope")
+    engine = LocalEngine(tiny_encoder, settings)
+    first, skipped = add_images(out, [src / "b"], settings, root=src, engine=engine)
+    vectors = read_vectors(out)
+    again, skipped_again = add_images(out, [src / "b", src / "a"], settings, root=src, engine=engine)
+    assert first.count == again.count == 5 and [i for i, _ in skipped] == [i for i, _ in skipped_again]
+    np.testing.assert_array_equal(read_vectors(out), vectors)
+    assert not work_dir_for(out.with_name("idx.add")).exists()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from retrieval.checksums import file_sha256
-from retrieval.encoders import FLICKR8K_HEADS, EncoderSpec, build_encoder, encoder_configs, parse_spec
+from retrieval.encoders import DEFAULT_HEADS, EncoderSpec, build_encoder, encoder_configs, parse_spec
 from retrieval.errors import BadImage, BadInput, EncoderUnavailable
 from retrieval.heads import HeadConfig, HeadPair, load_heads, save_heads
 from retrieval.images import load_image
@@ -171,7 +171,9 @@ def test_offline_default_encoder_is_real_and_bf16_agrees(flickr8k):
 
     zero_shot = recall5(i32, t32)
     assert zero_shot > 0.3
-    # the shipped trained heads (the `default` encoder) do clearly better than the label bridge
+    # the shipped heads (the `default` encoder: caption heads + label bridge, 384 + 256 dims) do clearly better
+    # than the label bridge on captions, and carry their calibration
     tuned = build_encoder(parse_spec("default", precision="bf16", device="cpu"))
-    assert tuned.dim == 256 and tuned.identity()["heads_sha256"] == file_sha256(FLICKR8K_HEADS)
+    assert tuned.dim == 640 and tuned.identity()["heads_sha256"] == file_sha256(DEFAULT_HEADS)
+    assert tuned.calibration is not None
     assert recall5(tuned.encode_images(images), tuned.encode_text(captions)) > zero_shot + 0.1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import faiss
@@ -117,7 +118,7 @@ def test_round_trip_flat(tmp_path, mmap):
     m = write(tmp_path / "idx", x, build={"source": "unit"})
     assert m.index_key == "Flat" and m.count == 500 and m.dim == 32 and m.schema_version == SCHEMA_VERSION
     assert m.created_at.endswith("Z") and m.build["source"] == "unit"
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.faiss", "manifest.json", "meta.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.faiss", "manifest.json", "meta.sqlite"]
     assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no temp folder left beside it
 
     s = IndexStore.open(tmp_path / "idx", expected_encoder=IDENT, mmap=mmap)
@@ -248,13 +249,26 @@ def built(tmp_path) -> Path:
 def test_missing_folder_and_files(tmp_path, built):
     with pytest.raises(IndexNotFound):
         IndexStore.open(tmp_path / "nothing")
-    for name in ["manifest.json", "index.faiss", "meta.jsonl"]:
+    for name in ["manifest.json", "index.faiss", "meta.sqlite"]:
         data = (built / name).read_bytes()
         (built / name).unlink()
         with pytest.raises(IndexNotFound, match=name):
             IndexStore.open(built)
         (built / name).write_bytes(data)
     IndexStore.open(built)
+
+
+def _edit_meta(folder: Path, sql: str) -> None:
+    con = sqlite3.connect(folder / "meta.sqlite")
+    con.execute(sql)
+    con.commit()
+    con.close()
+
+
+def _legacy(folder: Path, text: str) -> None:
+    """A folder from before meta.sqlite: only meta.jsonl."""
+    (folder / "meta.sqlite").unlink()
+    (folder / "meta.jsonl").write_text(text)
 
 
 def _edit_manifest(folder: Path, **changes) -> None:
@@ -272,9 +286,13 @@ def _edit_manifest(folder: Path, **changes) -> None:
         (lambda f: _edit_manifest(f, metric="l2"), "invalid"),
         (lambda f: _edit_manifest(f, count=21), "row counts disagree"),
         (lambda f: _edit_manifest(f, dim=16), "dim"),
-        (lambda f: (f / "meta.jsonl").open("a").write('{"id": "extra"}\n'), "row counts disagree"),
-        (lambda f: (f / "meta.jsonl").open("a").write("garbage\n"), "line 21"),
-        (lambda f: (f / "meta.jsonl").write_text('{"id": "a"}\n' * 20), "duplicate ids"),
+        (lambda f: _edit_meta(f, "INSERT INTO items(row, id, path, folder) VALUES (20, 'extra', 'x', '')"),
+         "row counts disagree"),
+        (lambda f: _edit_meta(f, "UPDATE items SET row = 40 WHERE row = 3"), "not numbered"),
+        (lambda f: _edit_meta(f, "UPDATE info SET value = '7'"), "metadata schema '7'"),
+        (lambda f: (f / "meta.sqlite").write_bytes(b"garbage" * 100), "cannot read"),
+        (lambda f: _legacy(f, '{"id": "a"}\n' * 20), "duplicate ids"),
+        (lambda f: _legacy(f, '{"id": "a"}\ngarbage\n'), "line 2"),
         (lambda f: (f / "index.faiss").write_bytes(b"\0" * 100), "cannot read"),
     ],
 )

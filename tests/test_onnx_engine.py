@@ -276,6 +276,9 @@ def test_fast_load_from_the_onnx_export_is_identical_and_invalidated_by_changed_
     assert fast.runtime_info() == full.runtime_info() and fast.dim == full.dim
     np.testing.assert_array_equal(fast.encode_text(texts), full.encode_text(texts))
     np.testing.assert_array_equal(fast.encode_images(_images(3)), full.encode_images(_images(3)))
+    # the service's "query was cut" notice comes from the fast tokenizer, without building the torch modules
+    assert fast.text_truncation(texts) == full.text_truncation(texts) == [None, None, 256, None]
+    assert fast._build_modules is not None
     # the trainer's torch half is built on first use, and matches
     pixels = torch.stack([full.image_transform(im) for im in _images(2)])
     np.testing.assert_allclose(fast.image_features(pixels).numpy(), full.image_features(pixels).numpy(), atol=1e-5)
@@ -338,7 +341,9 @@ def test_a_read_only_cache_still_gives_a_working_onnx_encoder(tiny_clip_spec, tm
 @pytest.mark.slow
 def test_int8_quantises_the_real_text_tower_without_breaking_it(flickr8k, tmp_path, monkeypatch):
     """Only weight matrices are quantised: quantising attention's activation products turned MiniLM's output
-    around (cosine -0.08), and the tower fell back to torch."""
+    around (cosine -0.08), and the tower fell back to torch. The gated default's sharp per-query gate turns int8's
+    small text-feature noise into a larger move for the odd caption near the gate's centre (min 0.965 measured),
+    so the floor is the export check's, and the typical caption must stay close."""
     from retrieval.encoders import parse_spec
 
     rows = [json.loads(line) for line in (flickr8k / "captions.jsonl").read_text().splitlines()][:40]
@@ -348,7 +353,8 @@ def test_int8_quantises_the_real_text_tower_without_breaking_it(flickr8k, tmp_pa
     enc.spec = enc.spec.model_copy(update={"engine": "onnx", "precision": "int8"})
     setup_runtime(enc)
     assert enc.plans["text"] == TowerPlan("onnx", "int8"), enc.reasons["text"]
-    assert float((enc.encode_text(captions) * ref).sum(1).min()) > 0.98
+    cos = (enc.encode_text(captions) * ref).sum(1)
+    assert float(cos.min()) > 0.95 and float(np.median(cos)) > 0.98, cos
 
 
 def test_parallel_calls_get_their_own_sessions_and_agree(tiny_clip_spec, tmp_path, monkeypatch):

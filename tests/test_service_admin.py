@@ -106,8 +106,8 @@ async def test_rate_limit(tiny_encoder, two_indexes):
         r = await c.get("/api/search", params={"q": "x"})
         assert r.headers["retry-after"] == "1" and r.json()["error"] == "RateLimited"
         assert (await c.get("/healthz")).status_code == 200  # never limited
-        # another client (by API key) has its own bucket
-        assert (await c.get("/api/search", params={"q": "x"}, headers={"X-API-Key": "k"})).status_code == 200
+        # a key the service does not know buys no bucket of its own (tests/test_service_abuse.py has the rest)
+        assert (await c.get("/api/search", params={"q": "x"}, headers={"X-API-Key": "k"})).status_code == 429
 
 
 async def test_overloaded_queue_is_429(tiny_encoder, two_indexes):

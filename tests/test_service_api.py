@@ -58,7 +58,9 @@ async def test_text_search_returns_ranked_hits(client):
     assert scores == sorted(scores, reverse=True)
     h = hits[0]
     assert h["image_url"] == f"/images/{h['id']}" and h["thumb_url"] == f"/thumbs/{h['id']}"
-    assert h["metadata"]["captions"] and "path" not in h["metadata"]
+    assert h["metadata"]["captions"] and h["metadata"]["path"] == h["id"] and h["metadata"]["folder"] == ""
+    assert {"taken_at", "width", "height"} <= set(h["metadata"])
+    assert body["next_offset"] == 5 and body["terms"] == [{"text": "a dog in the snow", "weight": 1.0}]
 
 
 async def test_get_variant_and_min_score(client):

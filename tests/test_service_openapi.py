@@ -94,4 +94,7 @@ def test_fuzz_no_server_errors(fuzz_app):
         run()
     print(seen)
     assert len(seen) >= 10, seen
+    new = {"POST /api/search", "GET /api/search", "POST /api/search/batch", "POST /api/search/image",
+           "GET /api/folders", "GET /api/duplicates", "POST /v1/embeddings", "GET /v1/models"}
+    assert new <= set(seen), new - set(seen)
     assert all(code < 500 for codes in seen.values() for code in codes), seen

@@ -105,12 +105,16 @@ def test_searches_use_the_configured_openmp_threads_in_whatever_thread_runs_them
     import numpy as np
 
     from service.engine import Searcher
+    from service.query import SearchSpec, Term
 
     searcher = Searcher(tiny_encoder, index, omp_threads=1)
     seen: list[int] = []
 
     def search() -> None:
-        searcher.search_vectors(np.ones((1, tiny_encoder.dim), np.float32), 3)
+        faiss.omp_set_num_threads(2)  # what this thread had before the search
+        vec = np.ones(tiny_encoder.dim, np.float32) / np.sqrt(tiny_encoder.dim)
+        page = searcher.answer(SearchSpec(terms=(Term("x"),), k=3), {"x": vec})
+        assert len(page.hits) == 3
         seen.append(faiss.omp_get_max_threads())
 
     t = threading.Thread(target=search)

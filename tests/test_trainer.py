@@ -288,13 +288,17 @@ def _train_then_eval(tmp_path: Path, image_folder: Path, tiny_clip_spec: Encoder
 
     ev = tmp_path / "eval"
     rc = main(["eval", "--data", str(image_folder), "--split", "all", "--encoder", "tiny-trainer-test", "--heads",
-               str(out / "best.pt"), "--out", str(ev), "--cache-dir", str(cache), "--workers", "0", "--grid", "2"])
+               str(out / "best.pt"), "--out", str(ev), "--cache-dir", str(cache), "--workers", "0", "--grid", "2",
+               "--map", "tsne"])
     assert rc == 0
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["n_images"] == 12 and metrics["n_texts"] == 24
     assert set(metrics["metrics"]["t2i"]) >= {"R@1", "R@5", "R@10", "P@5", "F1@5", "median_rank", "mean_rank"}
     assert len(metrics["recall_curve"]["i2t"]) == 12  # K capped at the number of images
-    for png in ("recall_at_k.png", "results_grid.png"):
+    assert metrics["prf_curves"]["ks"] == [1, 5, 10]  # K capped at the number of images
+    assert set(metrics["geometry"]) >= {"alignment", "uniformity_image", "uniformity_text"}
+    assert metrics["map"] == "t-SNE"
+    for png in ("recall_at_k.png", "results_grid.png", "prf_at_k.png", "embedding_map.png"):
         assert (ev / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m trainer features|train|eval`` (also installed as ``retrieval-train``).
+"""Command line: ``python -m trainer features|train|compose|fusion|eval`` (also installed as ``retrieval-train``).
 
 ``train`` flags map one to one onto :class:`~trainer.config.TrainerSettings` fields (``--batch-size`` ->
 ``batch_size``); unset flags fall back to ``TRAINER_*`` environment variables, then the defaults.
@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from retrieval.atomic import atomic_write_text
 from retrieval.cli_flags import add_settings_flags, settings_from_flags
 from retrieval.errors import RetrievalError
 from trainer.config import TrainerSettings
+from trainer.fusion import add_fusion_parser, cmd_fusion
 
 log = logging.getLogger("trainer")
 
@@ -45,6 +47,20 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train projection heads on cached features")
     add_settings_flags(t, TrainerSettings)
 
+    add_fusion_parser(sub)
+
+    c = sub.add_parser("compose", help="join trained caption heads with the label bridge (per-query gate)")
+    c.add_argument("--heads", required=True, help="mlp caption heads (python -m trainer train)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--data", default="../shared/data/flickr8k")
+    c.add_argument("--class-data", default="../shared/data/caltech101-dev")
+    c.add_argument("--encoder", default="zero-shot")
+    c.add_argument("--anchor-weight", type=float, default=0.5)
+    c.add_argument("--gate-center", type=float, default=0.6)
+    c.add_argument("--gate-width", type=float, default=0.03)
+    c.add_argument("--via-activations", type=int, default=None)
+    c.add_argument("--threads", type=int, default=2)
+
     e = sub.add_parser("eval", help="retrieval metrics + plots on a split or captions file")
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test", help="train/dev/test, or 'all'")
@@ -56,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tta-flip", action="store_true", help="average centre and flipped image features")
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--grid", type=int, default=6, help="queries in the result grid (0: none)")
+    e.add_argument("--class-data", help="also score class-prompt retrieval on this class-labelled set "
+                   "(e.g. ../shared/data/caltech101-dev)")
+    e.add_argument("--map", default="auto", choices=["auto", "umap", "tsne", "pca"],
+                   help="2-D map of the embeddings (auto: UMAP if installed, else t-SNE, else PCA)")
     return p
 
 
@@ -80,23 +100,18 @@ def run_train(cfg: TrainerSettings) -> dict[str, Any]:
 
     from retrieval.checksums import file_sha256
     from retrieval.encoders import build_encoder
-    from trainer.evaluate import load_split
-    from trainer.features import FeatureCache, split_features
+    from trainer.features import FeatureCache
+    from trainer.prepare import prepare
     from trainer.train import Trainer
 
     torch.set_num_threads(cfg.threads)
     spec = cfg.spec()
     enc = build_encoder(spec)
-    cache = FeatureCache(cfg.cache_dir)
-    t0 = time.perf_counter()
-    progress = sys.stderr.isatty()
-    train_f = split_features(enc, load_split(cfg.data, cfg.captions, cfg.train_split), cache, flip=cfg.flip_aug,
-                             batch_size=cfg.feature_batch, workers=cfg.workers, progress=progress)
-    dev_f = split_features(enc, load_split(cfg.data, cfg.captions, cfg.dev_split), cache, flip=cfg.tta_flip,
-                           batch_size=cfg.feature_batch, workers=cfg.workers, progress=progress)
-    feature_s = time.perf_counter() - t0
+    data = prepare(cfg, enc, FeatureCache(cfg.cache_dir))
+    feature_s = data.seconds["total"]
     identity = {k: v for k, v in spec.identity().items() if k != "heads_sha256"}
-    trainer = Trainer(cfg, train_f, dev_f, backend=spec.backend, identity=identity)
+    trainer = Trainer(cfg, data.train, data.dev, backend=spec.backend, identity=identity, prior=data.prior,
+                      class_dev=data.class_dev, tail=data.tail)
     last = Path(cfg.out) / "last.pt"
     if cfg.resume and last.is_file():
         trainer.load_state(last)
@@ -119,7 +134,7 @@ def run_train(cfg: TrainerSettings) -> dict[str, Any]:
         "best_sha256": file_sha256(result.best_path) if result.best_path else None,
         "history": result.history,
     }
-    Path(cfg.out, "metrics.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(Path(cfg.out, "metrics.json"), json.dumps(report, indent=2))
     return report
 
 
@@ -130,6 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.command == "features":
             print(json.dumps(cmd_features(ns), indent=2))
+        elif ns.command == "compose":
+            from trainer.compose import compose
+
+            cfg = TrainerSettings(data=ns.data, class_data=ns.class_data, encoder=ns.encoder,
+                                  via_activations=ns.via_activations, threads=ns.threads)
+            rep = compose(cfg, ns.heads, ns.out, ns.anchor_weight, ns.gate_center, ns.gate_width)
+            brief = {k: v for k, v in rep.items() if k not in ("dev", "class_dev")}
+            brief["dev"] = {d: {k: round(rep["dev"][d][k], 2) for k in ("R@1", "R@5", "R@10")} for d in ("t2i", "i2t")}
+            if "class_dev" in rep:
+                brief["class_dev"] = {k: round(rep["class_dev"][k], 2) for k in ("R@1", "P@10", "mAP")}
+            print(json.dumps(brief, indent=2))
         elif ns.command == "train":
             rep = run_train(settings_from_args(ns))
             brief = {k: rep[k] for k in ("encoder", "best_epoch", "best_dev_score", "train_seconds", "best",
@@ -138,11 +164,16 @@ def main(argv: list[str] | None = None) -> int:
                 brief["dev"] = {d: {k: round(rep["best_dev_metrics"][d][k], 2) for k in ("R@1", "R@5", "R@10")}
                                 for d in ("t2i", "i2t")}
             print(json.dumps(brief, indent=2))
+        elif ns.command == "fusion":
+            rep = cmd_fusion(ns)
+            print(json.dumps({k: rep[k] for k in ("encoder", "train_triplets", "dev_triplets", "dev",
+                                                  "dev_baselines", "sha256")}, indent=2))
         else:
             from trainer.evaluate import run_eval, summary_table
 
             rep = run_eval(ns.data, ns.encoder, heads=ns.heads, split=ns.split, captions=ns.captions, out=ns.out,
-                           cache_dir=ns.cache_dir, tta_flip=ns.tta_flip, workers=ns.workers, grid=ns.grid)
+                           cache_dir=ns.cache_dir, tta_flip=ns.tta_flip, workers=ns.workers, grid=ns.grid,
+                           class_data=ns.class_data, map_method=ns.map)
             print(summary_table([rep]))
             print(f"\nwrote {Path(ns.out) / 'metrics.json'}, recall_at_k.png, results_grid.png")
     except RetrievalError as exc:

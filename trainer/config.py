@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from retrieval.encoders import EncoderSpec, parse_spec
 
-HeadChoice = Literal["auto", "linear", "mlp", "residual"]
+HeadChoice = Literal["auto", "linear", "mlp", "residual", "anchored"]
 
 
 class TrainerSettings(BaseSettings):
@@ -44,6 +44,39 @@ class TrainerSettings(BaseSettings):
     hidden: int = Field(default=1024, ge=8)
     dropout: float = Field(default=0.5, ge=0, lt=1)
     standardize: bool = Field(default=True, description="train on standardised inputs (folded into saved heads)")
+    bridge_temperature: float = Field(default=1.0, gt=0, description="anchored heads: class softmax temperature")
+    anchor_weight: float = Field(
+        default=0.0, ge=0, lt=1, description="anchored heads: 0 adds the learned part to the bridge in one space; "
+        "in (0, 1) concatenates them, a score being w * bridge cosine + (1 - w) * learned cosine",
+    )
+    gate_center: float | None = Field(
+        default=None, description="anchored heads with anchor_weight > 0: per-query weight on the bridge, "
+        "sigmoid((highest cosine to a class prompt - center) / width); None: a fixed weight",
+    )
+    gate_width: float = Field(default=0.03, gt=0)
+    lock_text: bool = Field(
+        default=False, description="anchored heads: keep the text side the text model's own space (no text training)"
+    )
+
+    # keeping what the backbone knows (dual EfficientNet encoders)
+    distill: float = Field(default=0.0, ge=0, description="weight of the class-prompt distillation loss")
+    distill_temperature: float = Field(default=1.0, gt=0, description="teacher (ImageNet classifier) temperature")
+    distill_scale: float = Field(default=50.0, gt=0, description="student logit scale over the class prompts")
+    class_data: str | None = Field(
+        default=None, description="class-labelled dev set scored every evaluation (e.g. ../shared/data/caltech101-dev)"
+    )
+    select: Literal["captions", "both"] = Field(
+        default="captions", description="model selection: caption dev score, or its mean with the class dev mAP"
+    )
+    unfreeze_from: int | None = Field(
+        default=None, ge=1, description="train the image backbone's blocks from this index on (cached activations)"
+    )
+    via_activations: int | None = Field(
+        default=None, ge=1,
+        description="EfficientNet: derive pooled features from activations cached after this block (shared with "
+        "partial unfreezing: one backbone pass per image)",
+    )
+    tail_lr: float = Field(default=1e-4, gt=0, description="learning rate of the unfrozen backbone blocks")
 
     # loss
     loss: Literal["clip", "infonce", "triplet"] = "clip"

@@ -1,8 +1,12 @@
 """Retrieval evaluation of an encoder (optionally with a head checkpoint) on a split or a captions file.
 
 Runs the same projection the indexer and service run (``EncoderSpec(heads=...)`` -> ``Encoder.project_*``) on
-cached raw features, then writes ``metrics.json`` (T→I and I→T R@K, P@K, F1@K, mAP, median/mean rank, and the
-Recall@K curve for K = 1..50), ``recall_at_k.png`` and ``results_grid.png`` (top-5 images of a few queries).
+cached raw features, then writes ``metrics.json`` (T→I and I→T R@K, P@K, F1@K, mAP, median/mean rank, the
+Recall@K curve for K = 1..50, P/R/F1 at K = 1, 5, 10, 20, 50, alignment and uniformity, and, for an encoder that
+carries a calibration, its reliability on this split), ``recall_at_k.png``, ``prf_at_k.png``, ``embedding_map.png``
+(UMAP / t-SNE of images and captions), ``reliability.png`` and ``results_grid.png`` (top-5 images of a few
+queries). With ``class_data`` (a class-labelled set such as Caltech-101 dev) its class-prompt retrieval metrics
+are added under ``classes``.
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrieval.atomic import atomic_write_text
+from retrieval.calibration import Calibration
 from retrieval.datasets import load_dataset
 from retrieval.encoders import Encoder, EncoderSpec, build_encoder, parse_spec
 from retrieval.errors import DatasetError
 from retrieval.metrics import retrieval_metrics
-from trainer import plots
+from trainer import analysis, plots
+from trainer.analysis import MapMethod
 from trainer.features import FeatureCache, SplitFeatures, split_features
+from trainer.priors import ClassDevSet, class_metrics
 
 CURVE_K = 50
 
@@ -88,6 +96,8 @@ def run_eval(
     workers: int = 2,
     grid: int = 6,
     label: str | None = None,
+    class_data: str | None = None,
+    map_method: MapMethod = "auto",
 ) -> dict[str, Any]:
     """Evaluate and (with ``out``) write ``metrics.json`` and the PNGs; returns the report dict."""
     t0 = time.perf_counter()
@@ -99,6 +109,7 @@ def run_eval(
     feats = split_features(enc, records, FeatureCache(cache_dir), flip=tta_flip, workers=workers)
     res = evaluate_features(enc, feats, tta_flip)
     name = label or ("zero-shot" if spec.heads is None else f"heads {Path(spec.heads).name}")
+    extras = analyse(res, enc.calibration, map_method)
     report = {
         "label": name,
         "encoder": spec.label(),
@@ -111,17 +122,51 @@ def run_eval(
         "n_texts": len(feats.captions),
         "metrics": res.metrics,
         "recall_curve": res.curve,
-        "seconds": time.perf_counter() - t0,
+        **{k: v for k, v in extras.items() if k != "map"},
+        "map": extras["map"]["method"],
     }
+    if class_data:
+        cls = ClassDevSet.of(split_features(enc, load_split(class_data, None, "all"), FeatureCache(cache_dir),
+                                            workers=workers))
+        img = enc.project_image(torch.from_numpy(cls.images))
+        report["classes"] = {"data": str(class_data), **class_metrics(
+            img, enc.project_text(torch.from_numpy(cls.queries)), cls.relevant)}
+    report["seconds"] = time.perf_counter() - t0
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(report, indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))
         plots.recall_curves({name: res.curve}, out / "recall_at_k.png", title=f"{spec.label()} — {split}")
+        write_analysis_plots(extras, out, f"{name} — {split}")
         if grid > 0:
             q, p, c = grid_queries(res, n=grid)
             plots.result_grid(q, p, c, out / "results_grid.png", title=f"{name}: top-5 images (green = correct)")
     return report
+
+
+def analyse(res: EvalResult, calibration: Calibration | None, map_method: MapMethod = "auto") -> dict[str, Any]:
+    """Geometry, P/R/F1 curves, the reliability of ``calibration`` (if any) and the 2-D map coordinates."""
+    tx = res.features.text_image
+    out: dict[str, Any] = {"geometry": analysis.geometry(res.image_emb, res.text_emb, tx),
+                           "prf_curves": analysis.prf_curves(res.image_emb, res.text_emb, tx)}
+    if calibration is not None:
+        scores, labels = analysis.relevance_pairs(res.image_emb, res.text_emb, tx)
+        out["reliability"] = {"top_k": analysis.RELEVANCE_TOP_K,
+                              **analysis.reliability_report(calibration, scores, labels)}
+    imgs, caps = analysis.map_sample(tx, res.image_emb.shape[0])
+    xy, method = analysis.project_2d(np.concatenate([res.image_emb[imgs], res.text_emb[caps]]), map_method)
+    out["map"] = {"method": method, "image_xy": xy[: len(imgs)], "text_xy": xy[len(imgs):]}
+    return out
+
+
+def write_analysis_plots(extras: dict[str, Any], out: Path, title: str) -> None:
+    """``prf_at_k.png``, ``embedding_map.png`` and (with a calibration) ``reliability.png`` under ``out``."""
+    plots.prf_curves(extras["prf_curves"], out / "prf_at_k.png", title=title)
+    m = extras["map"]
+    plots.embedding_map(m["image_xy"], m["text_xy"], out / "embedding_map.png", method=m["method"],
+                        title=f"{title}: {m['method']} of {len(m['image_xy'])} images and one caption each")
+    if "reliability" in extras:
+        plots.reliability_diagram(extras["reliability"], out / "reliability.png", title=f"{title}: reliability")
 
 
 def summary_table(reports: list[dict[str, Any]]) -> str:

@@ -60,7 +60,8 @@ class RecordLike(Protocol):
 def backbone_identity(encoder: Encoder, part: Literal["image", "text"], view: View = "center") -> dict[str, Any]:
     """What the raw features of ``part`` depend on: the backbone identity (heads excluded), dtype and view."""
     ident = dict(encoder.spec.identity())
-    ident.pop("heads_sha256", None)
+    if not (part == "image" and encoder.image_tuned):  # tuned backbone blocks ship inside the heads file
+        ident.pop("heads_sha256", None)
     if part == "image":
         ident.pop("text_model", None)
     elif ident.get("backend") == "dual":  # the dual text backbone does not depend on the image model

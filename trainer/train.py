@@ -31,11 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval.heads import HeadConfig, HeadPair, ProjectionHead, save_heads
+from retrieval.heads import AnchoredHead, HeadConfig, HeadPair, save_heads
 from retrieval.metrics import retrieval_metrics
+from trainer.analysis import RELEVANCE_TOP_K, fit_relevance, relevance_pairs
+from trainer.batches import TensorSplit, epoch_batches, lr_lambda, steps_per_epoch
 from trainer.config import TrainerSettings
 from trainer.features import SplitFeatures
 from trainer.losses import ContrastiveLoss
+from trainer.priors import ClassDevSet, ClassPrior, class_distillation_loss, class_metrics
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +57,21 @@ def dev_score(metrics: dict[str, Any]) -> float:
 
 
 def head_config(
-    cfg: TrainerSettings, image_in: int, text_in: int, backend: str, identity: dict[str, Any]
+    cfg: TrainerSettings, image_in: int, text_in: int, backend: str, identity: dict[str, Any], classes: int = 0
 ) -> HeadConfig:
-    """Resolve ``auto`` choices: residual (identity at init) on open_clip, mlp into 256-d on dual backbones."""
+    """Resolve ``auto`` choices: residual (identity at init) on open_clip, mlp into 256-d on dual backbones;
+    ``anchored`` heads live in the text model's space (``out_dim = text_in``) and carry ``classes`` prompts."""
     kind = cfg.head
     if kind == "auto":
         kind = "residual" if backend == "open_clip" and image_in == text_in else "mlp"
+    if kind == "anchored":
+        if not classes:
+            raise ValueError("anchored heads need the backbone's class prior (a dual EfficientNet encoder)")
+        learned = (cfg.out_dim or 256) if cfg.anchor_weight > 0 else 0
+        return HeadConfig(kind=kind, image_in=image_in, text_in=text_in, out_dim=text_in + learned,
+                          hidden=cfg.hidden, dropout=cfg.dropout, encoder=identity, classes=classes,
+                          bridge_temperature=cfg.bridge_temperature, anchor_weight=cfg.anchor_weight,
+                          gate_center=cfg.gate_center, gate_width=cfg.gate_width)
     out_dim = cfg.out_dim or (image_in if kind == "residual" else 256)
     return HeadConfig(kind=kind, image_in=image_in, text_in=text_in, out_dim=out_dim, hidden=cfg.hidden,
                       dropout=cfg.dropout, encoder=identity)
@@ -73,10 +85,13 @@ class TrainModel(nn.Module):
     txt_mean: torch.Tensor
     txt_std: torch.Tensor
 
-    def __init__(self, heads: HeadPair, loss: ContrastiveLoss, image_in: int, text_in: int):
+    def __init__(self, heads: HeadPair, loss: ContrastiveLoss, image_in: int, text_in: int,
+                 tail: nn.Module | None = None):
         super().__init__()
         self.heads = heads
         self.loss = loss
+        #: partial unfreezing: cached activations -> pooled features (None: the inputs are pooled features)
+        self.tail = tail
         self.register_buffer("img_mean", torch.zeros(image_in))
         self.register_buffer("img_std", torch.ones(image_in))
         self.register_buffer("txt_mean", torch.zeros(text_in))
@@ -88,8 +103,12 @@ class TrainModel(nn.Module):
         self.txt_mean.copy_(texts.mean(0))
         self.txt_std.copy_(texts.std(0).clamp_min(1e-6))
 
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled image features: ``x`` itself, or the trainable tail applied to cached activations."""
+        return self.tail(x.float()) if self.tail is not None else x
+
     def embed_image(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.heads.image((x - self.img_mean) / self.img_std), dim=-1)
+        return F.normalize(self.heads.image((self.pooled(x) - self.img_mean) / self.img_std), dim=-1)
 
     def embed_text(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.heads.text((x - self.txt_mean) / self.txt_std), dim=-1)
@@ -102,7 +121,7 @@ class TrainModel(nn.Module):
         return heads
 
 
-def _input_layers(head: ProjectionHead) -> list[nn.Linear]:
+def _input_layers(head: Any) -> list[nn.Linear]:
     if head.kind == "mlp":
         return [head.proj, head.mlp[0]]  # type: ignore[list-item]
     if head.kind == "linear":
@@ -111,79 +130,31 @@ def _input_layers(head: ProjectionHead) -> list[nn.Linear]:
 
 
 @torch.no_grad()
-def _fold(head: ProjectionHead, mean: torch.Tensor, std: torch.Tensor) -> None:
-    if head.kind == "residual":
+def _fold(head: Any, mean: torch.Tensor, std: torch.Tensor) -> None:
+    if head.kind in ("residual", "anchored"):
         if not (torch.all(mean == 0) and torch.all(std == 1)):
-            raise ValueError("a residual head cannot absorb input standardisation; train it with standardize=False")
+            raise ValueError(f"a {head.kind} head cannot absorb input standardisation; train it without")
         return
     for layer in _input_layers(head):
         layer.weight.div_(std[None, :])
         layer.bias.sub_(layer.weight @ mean)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TensorSplit:
-    """A split's features as float32 tensors (see :class:`~trainer.features.SplitFeatures`)."""
-
-    images: torch.Tensor
-    images_flip: torch.Tensor | None
-    texts: torch.Tensor
-    text_image: torch.Tensor
-
-    @classmethod
-    def of(cls, f: SplitFeatures) -> TensorSplit:
-        flip = torch.from_numpy(np.asarray(f.images_flip, np.float32)) if f.images_flip is not None else None
-        return cls(torch.from_numpy(np.asarray(f.images, np.float32)), flip,
-                   torch.from_numpy(np.asarray(f.texts, np.float32)), torch.from_numpy(f.text_image).long())
-
-
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def epoch_batches(split: TensorSplit, cfg: TrainerSettings, epoch: int) -> list[Batch]:
-    """``(image_rows, caption_rows, use_flip)`` index tensors per step for one epoch; a pure function of
-    ``(seed, epoch)``. Incomplete last batches are dropped (the contrastive loss wants full batches)."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-    n_img = split.images.shape[0]
-    if cfg.pairs == "sample":
-        order = torch.argsort(split.text_image, stable=True)
-        counts = torch.bincount(split.text_image, minlength=n_img)
-        starts = torch.cumsum(counts, 0) - counts
-        valid = torch.nonzero(counts > 0).squeeze(1)
-        imgs = valid[torch.randperm(valid.numel(), generator=g)]
-        pick = (torch.rand(imgs.numel(), generator=g) * counts[imgs]).long()
-        caps = order[starts[imgs] + pick]
-    else:
-        caps = torch.randperm(split.texts.shape[0], generator=g)
-        imgs = split.text_image[caps]
-    flips = torch.rand(imgs.numel(), generator=g) < 0.5
-    if not cfg.flip_aug or split.images_flip is None:
-        flips = torch.zeros_like(flips)
-    bs = min(cfg.batch_size, imgs.numel())
-    n_steps = imgs.numel() // bs
-    return [(imgs[i * bs:(i + 1) * bs], caps[i * bs:(i + 1) * bs], flips[i * bs:(i + 1) * bs]) for i in range(n_steps)]
-
-
-def steps_per_epoch(split: TensorSplit, cfg: TrainerSettings) -> int:
-    n = int((torch.bincount(split.text_image) > 0).sum()) if cfg.pairs == "sample" else split.texts.shape[0]
-    return max(1, n // min(cfg.batch_size, n))
-
-
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
+@torch.no_grad()
+def init_anchored(heads: HeadPair, prior: ClassPrior, images: torch.Tensor | None, texts: torch.Tensor | None) -> None:
+    """Seed ``anchored`` heads: the image side's bridge takes the classifier and the class-prompt embeddings; the
+    MLPs' input standardisation takes the training statistics (when given)."""
+    img, txt = heads.image, heads.text
+    assert isinstance(img, AnchoredHead) and isinstance(txt, AnchoredHead)
+    img.fc.weight.copy_(prior.fc_weight)
+    img.fc.bias.copy_(prior.fc_bias)
+    img.class_embeddings.copy_(prior.class_embeddings())
+    if txt.gated:
+        txt.class_embeddings.copy_(prior.class_embeddings())
+    for head, x in ((img, images), (txt, texts)):
+        if x is not None:
+            head.mean.copy_(x.mean(0))
+            head.std.copy_(x.std(0).clamp_min(1e-6))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,22 +163,42 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 
 
 @torch.no_grad()
-def embed_split(model: TrainModel, split: TensorSplit, tta_flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised ``(n_img, d)`` and ``(n_txt, d)`` float32 embeddings of a split under ``model``."""
+def embed_images(model: TrainModel, images: torch.Tensor, chunk: int = 512) -> np.ndarray:
+    """Normalised ``(n, d)`` float32 image embeddings (in chunks: activations are large)."""
     was = model.training
     model.eval()
+    out = [model.embed_image(images[i:i + chunk]).numpy() for i in range(0, images.shape[0], chunk)]
+    model.train(was)
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
+def embed_texts(model: TrainModel, texts: torch.Tensor) -> np.ndarray:
+    was = model.training
+    model.eval()
+    out = model.embed_text(texts).numpy()
+    model.train(was)
+    return out
+
+
+def embed_split(model: TrainModel, split: TensorSplit, tta_flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised ``(n_img, d)`` and ``(n_txt, d)`` float32 embeddings of a split under ``model``."""
     images = split.images
     if tta_flip and split.images_flip is not None:
-        images = (images + split.images_flip) / 2
-    img = model.embed_image(images).numpy()
-    txt = model.embed_text(split.texts).numpy()
-    model.train(was)
-    return img, txt
+        images = (images.float() + split.images_flip.float()) / 2
+    return embed_images(model, images), embed_texts(model, split.texts)
 
 
 def evaluate_model(model: TrainModel, split: TensorSplit, tta_flip: bool = False) -> dict[str, Any]:
     img, txt = embed_split(model, split, tta_flip)
     return retrieval_metrics(img, txt, split.text_image.numpy())
+
+
+def evaluate_classes(model: TrainModel, dev: ClassDevSet) -> dict[str, Any]:
+    """Class retrieval metrics (each distinct prompt a query, its class's images relevant)."""
+    images = torch.from_numpy(np.asarray(dev.images))
+    return class_metrics(embed_images(model, images), embed_texts(model, torch.from_numpy(dev.queries)),
+                         dev.relevant)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,27 +229,54 @@ class Trainer:
         dev: SplitFeatures | TensorSplit | None,
         backend: str = "dual",
         identity: dict[str, Any] | None = None,
+        prior: ClassPrior | None = None,
+        class_dev: ClassDevSet | None = None,
+        tail: nn.Module | None = None,
     ):
+        """``prior``: the backbone's classifier and class prompts (``anchored`` heads and ``distill`` need it);
+        ``class_dev``: a class-labelled dev set scored every evaluation (and in the selection score when
+        ``cfg.select == "both"``); ``tail``: trainable backbone blocks for partial unfreezing (then ``train``'s and
+        ``dev``'s ``images`` are cached activations and ``train.pooled`` the frozen pooled features)."""
         self.cfg = cfg
         self.train = train if isinstance(train, TensorSplit) else TensorSplit.of(train)
         self.dev = dev if dev is None or isinstance(dev, TensorSplit) else TensorSplit.of(dev)
+        self.prior = prior
+        self.class_dev = class_dev
         self.out = Path(cfg.out)
-        d_img, d_txt = self.train.images.shape[1], self.train.texts.shape[1]
-        self.head_cfg = head_config(cfg, d_img, d_txt, backend, identity or {})
+        pooled = self.train.pooled if self.train.pooled is not None else self.train.images
+        d_img, d_txt = pooled.shape[1], self.train.texts.shape[1]
+        self.head_cfg = head_config(cfg, d_img, d_txt, backend, identity or {}, prior.classes if prior else 0)
         torch.manual_seed(cfg.seed)
         heads = HeadPair(self.head_cfg)
         loss = ContrastiveLoss(cfg.loss, cfg.temperature, cfg.margin)
-        self.model = TrainModel(heads, loss, d_img, d_txt)
-        if cfg.standardize and self.head_cfg.kind != "residual":
-            self.model.set_standardization(self.train.images, self.train.texts)
+        self.model = TrainModel(heads, loss, d_img, d_txt, tail)
+        if self.head_cfg.kind == "anchored":
+            assert prior is not None
+            init_anchored(heads, prior, pooled.float() if cfg.standardize else None,
+                           self.train.texts if cfg.standardize else None)
+        elif cfg.standardize and self.head_cfg.kind != "residual":
+            self.model.set_standardization(pooled.float(), self.train.texts)
+        if cfg.lock_text:
+            if self.head_cfg.kind != "anchored":
+                raise ValueError("lock_text needs anchored heads (their text side starts as the identity)")
+            heads.text.requires_grad_(False)  # concatenated parts (anchor_weight > 0): the text anchor is raw anyway
+        if cfg.distill > 0 and prior is None:
+            raise ValueError("distill > 0 needs the backbone's class prior")
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []
+        tail_params: list[nn.Parameter] = []
         for name, p in self.model.named_parameters():
-            (no_decay if p.ndim < 2 or name.startswith("loss.") else decay).append(p)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-        )
+            if not p.requires_grad:
+                continue
+            if name.startswith("tail."):
+                tail_params.append(p)
+            else:
+                (no_decay if p.ndim < 2 or name.startswith("loss.") else decay).append(p)
+        groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": cfg.weight_decay},
+                                        {"params": no_decay, "weight_decay": 0.0}]
+        if tail_params:
+            groups.append({"params": tail_params, "weight_decay": 0.0, "lr": cfg.tail_lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.steps_per_epoch = steps_per_epoch(self.train, cfg)
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.warmup_steps, total))
@@ -271,14 +289,18 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
-    def _extra(self, metrics: dict[str, Any] | None, with_state: bool) -> dict[str, Any]:
-        extra: dict[str, Any] = {
+    def _extra(self, metrics: dict[str, Any] | None, with_state: bool,
+               calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+        extra: dict[str, Any] = {**(calibration or {}),
             "config": self.cfg.model_dump(),
             "metrics": metrics,
             "epoch": self.epoch,
             "step": self.step,
             "temperature": self.model.loss.temperature,
         }
+        tail: Any = self.model.tail
+        if tail is not None:  # partial unfreezing: the tuned backbone blocks travel with the heads
+            extra["image_tail"] = {"cut": int(tail.cut), "state": tail.state()}
         if with_state:
             extra["train_state"] = {
                 "model": self.model.state_dict(),
@@ -292,9 +314,21 @@ class Trainer:
             }
         return extra
 
-    def save(self, path: Path, metrics: dict[str, Any] | None, with_state: bool) -> str:
+    def save(self, path: Path, metrics: dict[str, Any] | None, with_state: bool,
+             calibration: dict[str, Any] | None = None) -> str:
         """Heads folded to take raw features (usable as ``EncoderSpec(heads=path)``); returns the SHA-256."""
-        return save_heads(self.model.folded_heads(), path, extra=self._extra(metrics, with_state))
+        return save_heads(self.model.folded_heads(), path, extra=self._extra(metrics, with_state, calibration))
+
+    def dev_calibration(self) -> dict[str, Any]:
+        """Score -> relevance map fitted on the dev split's caption queries and their top-k images:
+        ``{"calibration": Calibration.to_dict(), "calibration_fit": {...}}`` (what ``best.pt`` carries)."""
+        assert self.dev is not None
+        img, txt = embed_split(self.model, self.dev, self.cfg.tta_flip)
+        scores, labels = relevance_pairs(img, txt, self.dev.text_image.numpy())
+        cal, brier = fit_relevance(scores, labels)
+        return {"calibration": cal.to_dict(),
+                "calibration_fit": {"split": self.cfg.dev_split, "top_k": RELEVANCE_TOP_K, "pairs": len(scores),
+                                    "base_rate": float(labels.mean()), "brier": brier}}
 
     def load_state(self, path: Path) -> None:
         """Restore everything from a ``last.pt`` written by :meth:`save` with ``with_state=True``."""
@@ -319,13 +353,22 @@ class Trainer:
         self.model.train()
         flip_imgs = self.train.images_flip
         losses = []
+        if self.model.tail is not None:
+            self.model.tail.eval()  # batch norm keeps its ImageNet statistics
         for imgs, caps, flips in epoch_batches(self.train, cfg, self.epoch):
             x_img = self.train.images[imgs]
             if flip_imgs is not None and bool(flips.any()):
-                x_img = torch.where(flips[:, None], flip_imgs[imgs], x_img)
+                shape = (-1,) + (1,) * (x_img.ndim - 1)
+                x_img = torch.where(flips.view(shape), flip_imgs[imgs], x_img)
             x_txt = self.train.texts[caps]
             groups = imgs if cfg.pairs == "all" else None
-            loss = self.model.loss(self.model.embed_image(x_img), self.model.embed_text(x_txt), groups)
+            img_emb = self.model.embed_image(x_img)
+            loss = self.model.loss(img_emb, self.model.embed_text(x_txt), groups)
+            if cfg.distill > 0 and self.prior is not None:
+                prompts = self.model.embed_text(self.prior.prompts)
+                teacher = self.prior.logits(self.train.teacher(imgs, flips))
+                loss = loss + cfg.distill * class_distillation_loss(
+                    img_emb, prompts, teacher, cfg.distill_temperature, cfg.distill_scale)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -358,12 +401,18 @@ class Trainer:
             if self.dev is not None and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
                 metrics = evaluate_model(self.model, self.dev, cfg.tta_flip)
                 score = dev_score(metrics)
-                row.update({"dev_score": score, **{f"dev_{d}_{k}": metrics[d][k] for d in ("t2i", "i2t")
-                                                   for k in SCORE_KEYS}})
+                row.update({"caption_dev_score": score, **{f"dev_{d}_{k}": metrics[d][k] for d in ("t2i", "i2t")
+                                                           for k in SCORE_KEYS}})
+                if self.class_dev is not None:
+                    metrics["classes"] = evaluate_classes(self.model, self.class_dev)
+                    row.update({f"class_{k}": metrics["classes"][k] for k in ("R@1", "P@10", "mAP")})
+                    if cfg.select == "both":
+                        score = (score + metrics["classes"]["mAP"]) / 2
+                row["dev_score"] = score
                 if score > self.best_score:
                     self.best_score, self.best_epoch, self.best_metrics = score, self.epoch, metrics
                     self.bad_epochs = 0
-                    self.save(self.out / "best.pt", metrics, with_state=False)
+                    self.save(self.out / "best.pt", metrics, with_state=False, calibration=self.dev_calibration())
                 else:
                     self.bad_epochs += 1
             row["seconds"] = time.perf_counter() - te

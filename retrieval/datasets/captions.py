@@ -11,11 +11,13 @@ from retrieval.datasets.flickr_token import parse_token
 from retrieval.datasets.jsonl import parse_jsonl, parse_object_list
 from retrieval.datasets.karpathy import is_karpathy, parse_karpathy
 from retrieval.datasets.parsed import TOKEN_LINE, Parsed
+from retrieval.datasets.visual_genome import is_region_descriptions, parse_visual_genome
 from retrieval.errors import DatasetError
 
 
 def parse_json(path: Path, text: str) -> Parsed:
-    """A ``.json`` captions file: COCO, Karpathy, or a list of (or one) ``{"image", "captions"}`` objects."""
+    """A ``.json`` captions file: COCO, Karpathy, Visual Genome region descriptions, or a list of (or one)
+    ``{"image", "captions"}`` objects."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -24,12 +26,14 @@ def parse_json(path: Path, text: str) -> Parsed:
         return parse_coco(path, data)
     if is_karpathy(data):
         return parse_karpathy(path, data)
+    if is_region_descriptions(data):
+        return parse_visual_genome(path, data)
     parsed = parse_object_list(path, data)
     if parsed is not None:
         return parsed
     raise DatasetError(
         f"{path}: unknown JSON captions format (expected COCO 'images'+'annotations', Karpathy 'images' with "
-        "'sentences', or a list of {'image', 'captions'} objects)"
+        "'sentences', Visual Genome 'regions', or a list of {'image', 'captions'} objects)"
     )
 
 

@@ -27,6 +27,7 @@ CAPTION_FILE_PATTERNS = (
     "Flickr30k.token.txt",
     "dataset_*.json",
     "annotations/captions_*.json",
+    "region_descriptions.json",
 )
 
 _SPLIT_SYNONYMS = {"val": "dev", "validation": "dev", "restval": "train"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from retrieval.encoders.spec import (
+    DEFAULT_HEADS,
     DEFAULT_TEXT_MODEL,
     FLICKR8K_HEADS,
     EncoderSpec,
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from retrieval.encoders.factory import build_encoder
 
 __all__ = [
+    "DEFAULT_HEADS",
     "DEFAULT_TEXT_MODEL",
     "FLICKR8K_HEADS",
     "Encoder",

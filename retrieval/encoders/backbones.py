@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -43,7 +43,27 @@ class TextBackbone(torch.nn.Module):
         """``{"tokenizer_json", "max_length", "pad_id", "pad_token", "outputs", "constants"}`` when ``tokenize`` is
         a Hugging Face fast tokenizer padding to the longest text (see :class:`~retrieval.encoders.bundle.
         FastTokenizer`); None otherwise."""
+    def token_limit(self) -> int | None:
+        """Tokens the model reads of a text (special tokens included); the rest is cut off. None: unknown."""
+        return None
+
+    def token_count(self, text: str) -> int | None:
+        """Tokens ``text`` makes (special tokens included), to compare with :meth:`token_limit`. None: unknown."""
         return None
 
     def forward(self, tokens: Any) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+@runtime_checkable
+class StagedImageBackbone(Protocol):
+    """An image backbone that can stop after a block and resume from there (EfficientNet-Lite): what partial
+    unfreezing on cached activations needs. ``cut`` = number of blocks run before the activation."""
+
+    def features_until(self, pixels: torch.Tensor, cut: int) -> torch.Tensor: ...
+
+    def blocks_between(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor: ...
+
+    def features_from(self, acts: torch.Tensor, cut: int) -> torch.Tensor: ...
+
+    def tail_modules(self, cut: int) -> torch.nn.ModuleDict: ...

@@ -54,7 +54,8 @@ class FastTokenizer:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_str(spec["tokenizer_json"])
-        self.tokenizer.enable_truncation(max_length=int(spec["max_length"]))
+        self.max_length = int(spec["max_length"])
+        self.tokenizer.enable_truncation(max_length=self.max_length)
         self.tokenizer.enable_padding(pad_id=int(spec["pad_id"]), pad_token=str(spec["pad_token"]))
         self.outputs: list[str] = list(spec["outputs"])
         self.constants: dict[str, Any] = dict(spec["constants"])
@@ -65,6 +66,10 @@ class FastTokenizer:
         out: dict[str, Any] = {name: np.asarray([getattr(e, fields[name]) for e in encodings], dtype=np.int64)
                                for name in self.outputs}
         return {**out, **self.constants}
+
+    def truncated(self, texts: Sequence[str]) -> list[bool]:
+        """For each text: True when it has more than ``max_length`` tokens (special tokens included) and is cut."""
+        return [bool(e.overflowing) for e in self.tokenizer.encode_batch(list(texts))]
 
 
 def _versions() -> dict[str, str | None]:

@@ -65,6 +65,41 @@ class EffnetImage(ImageBackbone):
         feats = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
         return feats.mean(dim=(2, 3))
 
+    def features_until(self, pixels: torch.Tensor, cut: int) -> torch.Tensor:
+        """Stem + MBConv blocks ``[0, cut)``: ``(n, 3, H, W)`` pixels -> ``(n, C, h, w)`` activations."""
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(pixels.contiguous(memory_format=torch.channels_last))))
+        for block in net._blocks[:cut]:
+            x = block(x)
+        return x
+
+    def blocks_between(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """MBConv blocks ``[start, stop)`` on activations after block ``start``."""
+        for block in self.net._blocks[start:stop]:
+            x = block(x)
+        return x
+
+    def features_from(self, acts: torch.Tensor, cut: int) -> torch.Tensor:
+        """Blocks ``[cut, end)`` + head convolution + average pooling: activations -> ``(n, out_dim)``; with
+        :meth:`features_until` it equals :meth:`forward`."""
+        net = self.net
+        x = acts
+        for block in net._blocks[cut:]:
+            x = block(x)
+        return net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3))
+
+    def tail_modules(self, cut: int) -> torch.nn.ModuleDict:
+        """The modules :meth:`features_from` runs (blocks ``cut..``, head convolution and its batch norm), keyed by
+        their names in ``net``: what partial unfreezing trains and a head checkpoint's ``image_tail`` replaces."""
+        net = self.net
+        mods = {f"_blocks.{i}": net._blocks[i] for i in range(cut, len(net._blocks))}
+        return torch.nn.ModuleDict({k.replace(".", "_"): m for k, m in mods.items()}
+                                   | {"_conv_head": net._conv_head, "_bn1": net._bn1})
+
+    def load_tail(self, cut: int, state: dict[str, torch.Tensor]) -> None:
+        """Replace the weights of blocks ``cut..`` and the head convolution (a state dict of :meth:`tail_modules`)."""
+        self.tail_modules(cut).load_state_dict(state)
+
 
 def build_effnet(spec: EncoderSpec) -> EffnetImage:
     """The EfficientNet-Lite backbone ``spec.model`` with packaged (or ``spec.pretrained``) weights."""

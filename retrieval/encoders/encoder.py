@@ -49,6 +49,9 @@ class Encoder:
         self._tokenizer: Callable[[Sequence[str]], Any] | None = None
         self._build_modules: Callable[[], Encoder] | None = None
         self._modules_lock = threading.Lock()
+        #: True when the head checkpoint replaced backbone weights (partial unfreezing): raw image features then
+        #: depend on the heads file, and feature caches must key on it
+        self.image_tuned = False
         self.image_backbone = image.to(device=device, dtype=dtype).eval()
         self.text_backbone = text.to(device=device, dtype=dtype).eval()
         # Heads are small: keep them in float32 for exactness.
@@ -247,6 +250,22 @@ class Encoder:
         if not images:
             return np.zeros((0, self.dim), np.float32)
         return self.encode_pixels(torch.stack([self.image_transform(im) for im in images]))
+
+    def text_truncation(self, texts: Sequence[str]) -> list[int | None]:
+        """For each text: the model's token limit when the text is longer than that (only that many tokens are
+        encoded, the rest is cut off), else None."""
+        check_texts(texts)
+        fast: Any = self._tokenizer
+        if fast is not None and hasattr(fast, "truncated"):  # loaded from the ONNX export: no torch modules needed
+            with self._tokenize_lock:
+                cut = fast.truncated(texts)
+            return [int(fast.max_length) if c else None for c in cut]
+        limit = self.text_backbone.token_limit()
+        if limit is None:
+            return [None] * len(texts)
+        with self._lock:  # tokenizers are not all safe to call from several threads at once
+            counts = [self.text_backbone.token_count(t) for t in texts]
+        return [limit if n is not None and n > limit else None for n in counts]
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """Strings -> ``(n, dim)`` float32, L2-normalised."""

@@ -19,9 +19,9 @@ from retrieval.calibration import Calibration
 from retrieval.encoders.backbones import ImageBackbone, TextBackbone
 from retrieval.encoders.bundle import load_bundle, save_bundle
 from retrieval.encoders.device import resolve_device
-from retrieval.encoders.effnet import build_effnet
+from retrieval.encoders.effnet import EffnetImage, build_effnet
 from retrieval.encoders.encoder import Encoder
-from retrieval.encoders.label_bridge import LabelBridgeHead, class_embeddings
+from retrieval.encoders.label_bridge import LABEL_TEMPLATES, LabelBridgeHead, class_embeddings, imagenet_classnames
 from retrieval.encoders.open_clip_backbone import build_open_clip, register_open_clip_config
 from retrieval.encoders.runtime import setup_runtime
 from retrieval.encoders.sentence import build_sentence
@@ -29,9 +29,15 @@ from retrieval.encoders.spec import DEFAULT_TEXT_MODEL, EncoderSpec, parse_spec,
 from retrieval.errors import EncoderUnavailable
 from retrieval.heads import HeadPair, load_heads
 
-__all__ = ["build_encoder", "build_torch_encoder", "register_open_clip_config"]
+__all__ = ["build_encoder", "build_torch_encoder", "class_prompt_table", "register_open_clip_config"]
 
 log = logging.getLogger("retrieval.encoders")
+
+
+def class_prompt_table() -> tuple[list[str], tuple[str, ...]]:
+    """The ImageNet class names the EfficientNet classifiers predict and the prompt templates of the label bridge
+    (what the trainer's class prior encodes)."""
+    return imagenet_classnames(), LABEL_TEMPLATES
 
 
 def build_encoder(spec: EncoderSpec | str) -> Encoder:
@@ -79,6 +85,16 @@ def build_torch_encoder(spec: EncoderSpec) -> Encoder:
             f"head checkpoint {spec.heads} expects features of {cfg.image_in}/{cfg.text_in} dims, "
             f"the backbones give {image.out_dim}/{text.out_dim}: it was trained for another encoder"
         )
+    tail = heads.extra.get("image_tail")
+    if tail is not None:  # partial unfreezing: the checkpoint carries tuned weights of the last backbone blocks
+        if not isinstance(image, EffnetImage):
+            raise EncoderUnavailable(f"{spec.heads} carries tuned EfficientNet blocks; the backbone is {spec.model}")
+        try:
+            image.load_tail(int(tail["cut"]), tail["state"])
+        except (KeyError, RuntimeError) as exc:
+            raise EncoderUnavailable(f"{spec.heads}: its tuned blocks do not fit {spec.model} ({exc})") from exc
     calibration = heads.extra.get("calibration")
-    return Encoder(spec, image, text, heads.image, heads.text, cfg.out_dim, device, dtype,
-                   Calibration.from_dict(calibration) if calibration else None)
+    encoder = Encoder(spec, image, text, heads.image, heads.text, cfg.out_dim, device, dtype,
+                      Calibration.from_dict(calibration) if calibration else None)
+    encoder.image_tuned = tail is not None
+    return encoder

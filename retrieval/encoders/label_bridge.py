@@ -18,6 +18,13 @@ from retrieval.paths import cache_root
 LABEL_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "a photo of the {}.")
 
 
+def imagenet_classnames() -> list[str]:
+    """The 1,000 ImageNet-1k class names (open_clip's cleaned list), in classifier order."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)
+
+
 class LabelBridgeHead(torch.nn.Module):
     """Zero-shot image head: ``softmax(fc(x) / T) @ C`` where ``C`` holds the text embeddings of the classes.
 

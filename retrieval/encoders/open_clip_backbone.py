@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from retrieval import _torch_compat  # noqa: F401  (must run before anything imports torchvision)
+from retrieval.atomic import atomic_write_text
 from retrieval.encoders.backbones import ImageBackbone, TextBackbone
 from retrieval.encoders.spec import EncoderSpec
 from retrieval.errors import EncoderUnavailable
@@ -37,6 +38,20 @@ class OpenClipText(TextBackbone):
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
+
+    def token_limit(self) -> int | None:
+        limit = getattr(self.tokenizer, "context_length", None)
+        return int(limit) if limit else None
+
+    def token_count(self, text: str) -> int | None:
+        tok = self.tokenizer
+        if getattr(tok, "reduction_fn", None) is None and hasattr(tok, "sot_token_id") and hasattr(tok, "encode"):
+            return len(tok.encode(text)) + 2  # CLIP's BPE tokenizer: start + text + end
+        hf = getattr(tok, "tokenizer", None)  # open_clip's HFTokenizer (SigLIP, ...)
+        if hf is not None:
+            clean = getattr(tok, "clean_fn", None) or (lambda t: t)
+            return len(hf(clean(text))["input_ids"])
+        return None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(tokens.to(next(self.model.parameters()).device))
@@ -67,5 +82,5 @@ def register_open_clip_config(name: str, config: dict[str, Any], directory: str 
     import open_clip
 
     path = Path(directory) / f"{name}.json"
-    path.write_text(json.dumps(config))
+    atomic_write_text(path, json.dumps(config))
     open_clip.add_model_config(path)

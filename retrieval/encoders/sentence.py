@@ -41,6 +41,13 @@ class SentenceText(TextBackbone):
                 "pad_id": int(tok.pad_token_id), "pad_token": str(tok.pad_token),
                 "outputs": [k for k, v in sample.items() if isinstance(v, torch.Tensor)],
                 "constants": {k: v for k, v in sample.items() if not isinstance(v, torch.Tensor)}}
+    def token_limit(self) -> int | None:
+        limit = getattr(self.st, "max_seq_length", None)
+        return int(limit) if limit else None
+
+    def token_count(self, text: str) -> int | None:
+        tokenizer = getattr(self.st, "tokenizer", None)
+        return len(tokenizer(text)["input_ids"]) if tokenizer is not None else None
 
     def forward(self, tokens: dict[str, Any]) -> torch.Tensor:
         device = next(self.st.parameters()).device

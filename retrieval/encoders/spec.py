@@ -34,10 +34,12 @@ DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
 #: recomputed instead of silently mixed with new vectors.
 ENCODER_IMPL_VERSION = 2
 
-#: Projection heads shipped with the package (trained by ``python -m trainer train`` on the Flickr8k train split;
-#: model card: retrieval/models/README.md).
+#: Projection heads shipped with the package (model card: retrieval/models/README.md). ``FLICKR8K_HEADS``: caption
+#: heads trained by ``python -m trainer train`` on the Flickr8k train split; ``DEFAULT_HEADS``: those heads joined
+#: with the label bridge by ``python -m trainer compose`` (a per-query gate), the ``default`` encoder.
 SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "models"
 FLICKR8K_HEADS = str(SHIPPED_MODELS / "effnet-lite0-minilm-flickr8k.pt")
+DEFAULT_HEADS = str(SHIPPED_MODELS / "effnet-lite0-minilm-flickr8k-gated.pt")
 
 
 class EncoderSpec(BaseModel):
@@ -96,10 +98,11 @@ def weights_id(value: str | None) -> str | None:
 # The registry of named configs
 # ----------------------------------------------------------------------------------------------------------------
 
-#: ``default``: the offline backbones joined by the shipped trained heads; ``zero-shot``: the same backbones joined
-#: by the training-free label bridge.
+#: ``default``: the offline backbones joined by the shipped gated heads (caption heads + label bridge);
+#: ``caption-heads``: the caption heads alone (the previous default); ``zero-shot``: the training-free label bridge.
 _BUILTIN: dict[str, EncoderSpec] = {
-    "default": EncoderSpec(backend="dual", model="efficientnet-lite0", heads=FLICKR8K_HEADS),
+    "default": EncoderSpec(backend="dual", model="efficientnet-lite0", heads=DEFAULT_HEADS),
+    "caption-heads": EncoderSpec(backend="dual", model="efficientnet-lite0", heads=FLICKR8K_HEADS),
     "zero-shot": EncoderSpec(backend="dual", model="efficientnet-lite0"),
     "effnet-lite0-minilm": EncoderSpec(backend="dual", model="efficientnet-lite0"),
     "effnet-lite1-minilm": EncoderSpec(backend="dual", model="efficientnet-lite1"),

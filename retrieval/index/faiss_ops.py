@@ -52,11 +52,10 @@ def train_size(n: int, nlist: int) -> int:
 
 
 def nlist_of(index: Any) -> int | None:
-    """The number of inverted lists of an IVF index (also behind a pre-transform); None for other types."""
-    try:
-        return int(faiss.extract_index_ivf(index).nlist)
-    except Exception:  # not an IVF index
-        return None
+    """The number of inverted lists of an IVF index (also behind a pre-transform); None for other index types.
+    Anything that is not a faiss index raises (TypeError), never passes for "not IVF"."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return None if ivf is None else int(ivf.nlist)
 
 
 def build_faiss(vectors: np.ndarray, index_key: str, seed: int = 1234) -> tuple[Any, dict[str, Any]]:
@@ -133,5 +132,8 @@ def read_faiss(path: Path, *, mmap: bool) -> Any:
 
 
 def write_faiss(index: Any, folder: Path) -> None:
-    """Write ``index`` as ``folder/index.faiss``."""
-    faiss.write_index(index, str(folder / INDEX_FILE))
+    """Write ``index`` as ``folder/index.faiss`` through a Python file object, so that a failed write (a full disk,
+    a file-size limit) raises :class:`OSError`. faiss's own file writer only prints the error it finds when closing
+    and leaves a truncated file behind as if all went well."""
+    with open(folder / INDEX_FILE, "wb") as fh:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))  # type: ignore[attr-defined]

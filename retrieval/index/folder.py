@@ -1,9 +1,10 @@
 """The rows of an index folder: validating vectors and metadata before a write, and the files that hold them
-(``meta.jsonl``, ``vectors.npy``); :func:`commit_folder` writes a complete folder through the one atomic helper."""
+(``meta.sqlite``, ``vectors.npy``); :func:`commit_folder` writes a complete folder through the one atomic helper."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,18 @@ import numpy as np
 from retrieval.atomic import atomic_folder
 from retrieval.errors import BadInput, IndexCorrupt, IndexNotFound
 from retrieval.index.faiss_ops import write_faiss
-from retrieval.index.manifest import MANIFEST_FILE, META_FILE, SKIPPED_FILE, VECTORS_FILE, Manifest, manifest_json
+from retrieval.index.manifest import (
+    LEGACY_META_FILE,
+    MANIFEST_FILE,
+    META_FILE,
+    SKIPPED_FILE,
+    VECTORS_FILE,
+    Manifest,
+    manifest_json,
+)
+from retrieval.index.metadata import MetaDB, write_meta_db
+
+log = logging.getLogger(__name__)
 
 #: Tolerance on ``| ||v|| - 1 |`` for vectors said to be L2-normalised.
 NORM_TOLERANCE = 1e-3
@@ -65,32 +77,66 @@ def validate_metadata(metadata: Sequence[dict[str, Any]], n: int, existing: Iter
     return ids
 
 
-def read_meta(path: Path) -> list[dict[str, Any]]:
-    """The rows of ``path/meta.jsonl`` (each a dict with a string ``id``), in row order."""
-    f = path / META_FILE
+def read_legacy_meta(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``path/meta.jsonl`` (folders written before ``meta.sqlite``; each a dict with a string ``id``),
+    in row order."""
+    f = path / LEGACY_META_FILE
     if not f.is_file():
-        raise IndexNotFound(f"no {META_FILE} in {path}")
+        raise IndexNotFound(f"no {LEGACY_META_FILE} in {path}")
     rows: list[dict[str, Any]] = []
-    with open(f, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise IndexCorrupt(f"{f} line {lineno} is not valid JSON: {exc}") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
-                raise IndexCorrupt(f"{f} line {lineno} is not an object with a string 'id'")
-            rows.append(row)
+    try:
+        data = f.read_bytes()
+    except OSError as exc:
+        raise IndexNotFound(f"cannot read {f}: {exc}") from exc
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IndexCorrupt(f"{f} line {lineno} is not valid UTF-8 JSON: {exc}") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            raise IndexCorrupt(f"{f} line {lineno} is not an object with a string 'id'")
+        rows.append(row)
     return rows
 
 
+def map_vectors(path: Path, manifest: Manifest) -> np.ndarray:
+    """``path/vectors.npy`` memory-mapped read-only: ``(count, dim)`` float16 as stored. :class:`IndexCorrupt` when
+    it cannot be read or its shape disagrees with the manifest."""
+    f = path / VECTORS_FILE
+    try:
+        arr = np.load(f, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise IndexCorrupt(f"cannot read {f}: {exc}") from exc
+    if arr.shape != (manifest.count, manifest.dim):
+        raise IndexCorrupt(f"{f} has shape {arr.shape}, manifest says ({manifest.count}, {manifest.dim})")
+    if arr.dtype not in (np.float16, np.float32):
+        raise IndexCorrupt(f"{f} holds {arr.dtype}, not float16/float32 vectors")
+    return arr
+
+
 def write_meta(metadata: Sequence[dict[str, Any]], folder: Path) -> None:
-    """One compact JSON object per row into ``folder/meta.jsonl``."""
-    with open(folder / META_FILE, "w", encoding="utf-8") as fh:
-        for row in metadata:
-            fh.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")))
-            fh.write("\n")
+    """The metadata rows as ``folder/meta.sqlite`` (:func:`retrieval.index.metadata.write_meta_db`)."""
+    write_meta_db(metadata, folder / META_FILE)
+
+
+def open_meta(path: Path) -> MetaDB:
+    """The metadata of the index folder ``path``, opened read-only: ``meta.sqlite``, or for a folder written before
+    it, a private database built from ``meta.jsonl`` (with a one-line hint to migrate it for good).
+    :class:`IndexNotFound` when there is neither, :class:`IndexCorrupt` when it cannot be read."""
+    if (path / META_FILE).is_file():
+        return MetaDB.open(path / META_FILE)
+    if not (path / LEGACY_META_FILE).is_file():
+        raise IndexNotFound(f"no {META_FILE} in {path}")
+    rows = read_legacy_meta(path)
+    try:
+        db = MetaDB.from_rows(rows)
+    except BadInput as exc:
+        raise IndexCorrupt(f"{path / LEGACY_META_FILE}: {exc}") from exc
+    log.warning("%s has only %s (an older format): filters on dates, folders and cameras see less; run "
+                "`python -m indexer migrate %s` to write %s", path, LEGACY_META_FILE, path, META_FILE)
+    return db
 
 
 def commit_folder(

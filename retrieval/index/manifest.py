@@ -15,7 +15,9 @@ from retrieval.errors import IndexCorrupt, IndexEncoderMismatch, IndexNotFound
 SCHEMA_VERSION = 1
 
 INDEX_FILE = "index.faiss"
-META_FILE = "meta.jsonl"
+META_FILE = "meta.sqlite"
+#: What folders written before meta.sqlite hold instead (read on open, see retrieval.index.folder.open_meta)
+LEGACY_META_FILE = "meta.jsonl"
 MANIFEST_FILE = "manifest.json"
 VECTORS_FILE = "vectors.npy"
 SKIPPED_FILE = "skipped.jsonl"

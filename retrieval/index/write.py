@@ -9,11 +9,12 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from retrieval.errors import BadInput, IndexCorrupt, UnknownId
+from retrieval.atomic import folder_lock
+from retrieval.errors import BadInput, UnknownId
 from retrieval.index.choose import choose_index_key, default_memory_budget
-from retrieval.index.faiss_ops import build_faiss, is_reconstructible, read_faiss
+from retrieval.index.faiss_ops import build_faiss, is_reconstructible
 from retrieval.index.folder import commit_folder, read_skipped, validate_metadata, validate_vectors
-from retrieval.index.manifest import SCHEMA_VERSION, VECTORS_FILE, Manifest, check_encoder, now_iso, read_manifest
+from retrieval.index.manifest import SCHEMA_VERSION, Manifest, check_encoder, now_iso
 from retrieval.index.store import IndexStore
 
 
@@ -66,9 +67,7 @@ def write_index(
 
 def _load_for_update(path: Path) -> tuple[IndexStore, Any, np.ndarray | None]:
     store = IndexStore.open(path, mmap=False)
-    stored = None
-    if not is_reconstructible(store.manifest.index_key):
-        stored = read_vectors(path)
+    stored = None if is_reconstructible(store.manifest.index_key) else store.all_vectors()
     return store, store.index, stored
 
 
@@ -80,8 +79,12 @@ def add_to_index(
     encoder_identity: dict[str, Any],
     on_existing: Literal["error", "skip", "replace"] = "error",
     skipped: Sequence[tuple[str, str]] = (),
+    remove: Iterable[str] = (),
 ) -> Manifest:
     """Append rows to the index at ``path`` and rewrite it atomically.
+
+    ``remove``: ids to drop in the same write (one new version for a whole sync); an unknown one raises
+    :class:`UnknownId` and nothing changes.
 
     ``skipped``: (id, reason) pairs of images this addition could not encode, merged into ``skipped.jsonl`` (ids
     that now have a row leave it).
@@ -92,12 +95,21 @@ def add_to_index(
     index is not retrained (IVF/PQ keep their trained centroids). ``created_at`` becomes the time of this write.
     """
     path = Path(path)
+    with folder_lock(path):  # no other writer between our read and our publish
+        return _add(path, vectors, metadata, encoder_identity, on_existing, skipped, list(dict.fromkeys(remove)))
+
+
+def _add(path: Path, vectors: np.ndarray, metadata: Sequence[dict[str, Any]], encoder_identity: dict[str, Any],
+         on_existing: str, skipped: Sequence[tuple[str, str]], removed: list[str]) -> Manifest:
     store, index, stored = _load_for_update(path)
     check_encoder(store.manifest, encoder_identity)
     vectors = validate_vectors(vectors, store.dim)
     new_ids = validate_metadata(metadata, len(vectors))
     present = [i for i, rid in enumerate(new_ids) if rid in store]
     meta = [dict(m) for m in metadata]
+    unknown = [i for i in removed if i not in store]
+    if unknown:
+        raise UnknownId(f"ids to remove are not in the index at {path}: {unknown[:10]}")
     if present and on_existing == "error":
         raise BadInput(f"ids already in the index: {[new_ids[i] for i in present][:10]} "
                        f"(use on_existing='skip' or 'replace')")
@@ -106,8 +118,10 @@ def add_to_index(
         vectors = vectors[keep]
         meta = [meta[i] for i in keep]
     old_meta = list(store.metadata)
+    drop = {store.row_of(i) for i in removed}
     if present and on_existing == "replace":
-        drop = {store.row_of(new_ids[i]) for i in present}
+        drop |= {store.row_of(new_ids[i]) for i in present}
+    if drop:
         kept_rows = np.array([r for r in range(store.count) if r not in drop], dtype=np.int64)
         index, stored = _rebuild_without(store, index, stored, kept_rows)
         old_meta = [old_meta[r] for r in kept_rows]
@@ -151,8 +165,12 @@ def remove_from_index(path: str | Path, ids: Iterable[str]) -> Manifest:
     Any unknown id raises :class:`UnknownId` and nothing changes. ``created_at`` becomes the time of this write.
     """
     path = Path(path)
+    with folder_lock(path):  # no other writer between our read and our publish
+        return _remove(path, list(dict.fromkeys(ids)))
+
+
+def _remove(path: Path, wanted: list[str]) -> Manifest:
     store, index, stored = _load_for_update(path)
-    wanted = list(dict.fromkeys(ids))
     missing = [i for i in wanted if i not in store]
     if missing:
         raise UnknownId(f"ids not in the index at {path}: {missing[:10]}")
@@ -168,18 +186,4 @@ def remove_from_index(path: str | Path, ids: Iterable[str]) -> Manifest:
 def read_vectors(path: str | Path) -> np.ndarray:
     """All vectors of the index at ``path``, ``(count, dim)`` float32, in row order (from ``vectors.npy`` where
     present, float16-rounded; else reconstructed exactly from the index)."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    vec_file = path / VECTORS_FILE
-    if vec_file.exists():
-        arr = np.load(vec_file, mmap_mode="r")
-        if arr.shape != (manifest.count, manifest.dim):
-            raise IndexCorrupt(f"{vec_file} has shape {arr.shape}, manifest says ({manifest.count}, {manifest.dim})")
-        return np.asarray(arr, dtype=np.float32)
-    if not is_reconstructible(manifest.index_key):
-        raise IndexCorrupt(f"{vec_file} is missing (needed for index type {manifest.index_key})")
-    index = read_faiss(path, mmap=True)
-    if index.ntotal == 0:
-        return np.zeros((0, manifest.dim), np.float32)
-    return index.reconstruct_n(0, index.ntotal)
-
+    return IndexStore.open(path).all_vectors()

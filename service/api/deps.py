@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Path, Request, Security
 from fastapi.security import APIKeyHeader
 
+from service.auth import KeyRing
 from service.errors import NotReady, Unauthorized
 from service.settings import ServiceSettings
 
@@ -28,6 +28,7 @@ class ServiceState:
     text_runner: Runner | None = None
     image_runner: Runner | None = None
     ready: bool = False
+    keys: KeyRing = field(default_factory=lambda: KeyRing([]))
 
 
 def get_state(request: Request) -> ServiceState:
@@ -46,11 +47,8 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="n
 
 
 def _check_key(state: ServiceState, key: str | None) -> None:
-    keys = state.settings.api_keys
-    if not keys:
-        return
-    given = (key or "").encode()
-    if not any(hmac.compare_digest(given, k.get_secret_value().encode()) for k in keys):
+    """Constant-time check against every configured key (:class:`service.auth.KeyRing`)."""
+    if state.keys and state.keys.match(key) is None:
         raise Unauthorized("a valid X-API-Key header is required")
 
 

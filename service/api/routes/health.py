@@ -62,7 +62,7 @@ async def stats(state: ReadyState) -> StatsResponse:
     s = state.searcher.stats()
     cfg = state.settings
     return StatsResponse(
-        **{k: v for k, v in s.items() if k not in ("query_cache", "thumb_cache")},
+        **{k: v for k, v in s.items() if k not in ("query_cache", "thumb_cache", "calibrated", "fusion")},
         query_cache=CacheStats(**s["query_cache"]),
         thumb_cache=CacheStats(**s["thumb_cache"]),
         text_queue=_queue(state, "text"),
@@ -74,5 +74,9 @@ async def stats(state: ReadyState) -> StatsResponse:
             "default_top_k": cfg.default_top_k,
             "max_batch_queries": cfg.max_batch_queries,
             "max_upload_bytes": cfg.max_upload_bytes,
+            "max_offset": cfg.max_offset,
         },
+        calibrated=bool(s.get("calibrated")),
+        fusion=bool(s.get("fusion")),
+        default_min_relevance=cfg.default_min_relevance if s.get("calibrated") else None,
     )
