@@ -12,8 +12,9 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup sysdeps demo test lint chaos data bench bench-index bench-train bench-quality bench-frontier bench-service \
-        bench-uploads bench-ray bench-replicas serve clean compose-plugin wheelhouse
+.PHONY: setup sysdeps demo test lint chaos data bench bench-cpu bench-scale bench-index bench-train bench-quality \
+        bench-frontier bench-service bench-uploads bench-ray bench-filter bench-sync bench-replicas serve clean \
+        compose-plugin wheelhouse
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -60,7 +61,16 @@ lint: setup
 chaos: setup
 	nice -n 10 $(PY) -m tests.chaos --seed $${SEED:-0}
 
-bench: bench-index bench-train bench-quality bench-frontier bench-service bench-uploads bench-ray bench-filter bench-sync
+bench: bench-cpu bench-index bench-train bench-quality bench-frontier bench-service bench-scale bench-uploads bench-ray \
+       bench-filter bench-sync
+
+## torch fp32 / bf16 vs ONNX Runtime fp32 / int8 vs the default settings, with the CPU's flags in the header.
+bench-cpu: setup
+	$(PY) benchmarks/bench_cpu.py --data $(DATA)
+
+## The index chooser's picks and Flat at 100k / 1M / 10M vectors drawn like real embeddings.
+bench-scale: setup
+	$(PY) benchmarks/bench_scale.py --data $(DATA)
 
 bench-index: setup
 	$(PY) benchmarks/bench_index.py --data $(DATA)

@@ -1,12 +1,13 @@
-"""Indexing speed on CPU: the naive way vs the batched job, fp32 vs bf16, and the full Flickr8k build.
+"""Indexing speed on CPU: the naive way vs the batched job, torch fp32 vs bf16, and the full Flickr8k build with the
+default settings (engine and precision auto). The engines side by side (ONNX Runtime, int8): bench_cpu.py.
 
     python benchmarks/bench_index.py --data ../shared/data/flickr8k            # all 8,000 images (minutes)
     python benchmarks/bench_index.py --data ../shared/data/flickr8k --quick    # a small subset
 
 Rows (same images, same encoder config, one run):
-- naive fp32 / bf16: one image at a time, decoded in the main process (what a first script would do)
-- batched fp32 / bf16: DataLoader with worker processes, batch 16 and 32 (the job's encode loop, no writing)
-- job bf16 (all images): `build_index` end to end — decode, encode, shards, FAISS index, atomic write
+- naive torch fp32 / bf16: one image at a time, decoded in the main process (what a first script would do)
+- batched torch fp32 / bf16: DataLoader with worker processes, batch 16 and 32 (the job's encode loop, no writing)
+- job, default settings (all images): `build_index` end to end — decode, encode, shards, FAISS index, atomic write
 Prints a markdown table with images/s and the ratio to the naive row, plus bf16-vs-fp32 agreement, and writes
 benchmarks/results/bench_index.json.
 """
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from indexer.pipeline import build_index, plan_records
 from indexer.settings import IndexerSettings
 from retrieval.datasets.loader import ImageLoadDataset, collate_skipping
 from retrieval.encoders import build_encoder, parse_spec
+from retrieval.encoders.cpu import cpu_info
 from retrieval.images import load_image
 from retrieval.index import configure_faiss
 from retrieval.metrics import retrieval_metrics
@@ -71,8 +71,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     test = plan_records(args.data, split="test", limit=args.compare_n)
-    enc32 = build_encoder(parse_spec(args.encoder, precision="fp32", device="cpu"))
-    enc16 = build_encoder(parse_spec(args.encoder, precision="bf16", device="cpu"))
+    enc32 = build_encoder(parse_spec(args.encoder, engine="torch", precision="fp32", device="cpu"))
+    enc16 = build_encoder(parse_spec(args.encoder, engine="torch", precision="bf16", device="cpu"))
     rows = []
     few = test[: args.naive_n]
     t, _ = naive(enc32, few)
@@ -98,17 +98,18 @@ def main() -> None:
 
     all_records = plan_records(args.data, limit=args.full)
     out = Path(tempfile.mkdtemp(prefix="bench-index-")) / "idx"
-    settings = IndexerSettings(encoder=EncoderSettings(name=args.encoder, precision="bf16", device="cpu"),
+    settings = IndexerSettings(encoder=EncoderSettings(name=args.encoder, device="cpu"),
                                batch_size=args.batch_size, workers=args.workers, progress=False)
+    enc_auto = build_encoder(settings.encoder.spec())
     start = time.perf_counter()
-    result = build_index(args.data, out, settings, limit=args.full, engine=LocalEngine(enc16, settings))
+    result = build_index(args.data, out, settings, limit=args.full, engine=LocalEngine(enc_auto, settings))
     tj = time.perf_counter() - start
-    rows.append((f"job bf16: build_index end to end ({len(all_records)} images)", result.manifest.count, tj,
-                 result.manifest.count / tj))
+    rows.append((f"job, default settings ({enc_auto.runtime_label()}): build_index end to end "
+                 f"({len(all_records)} images)", result.manifest.count, tj, result.manifest.count / tj))
     shutil.rmtree(out.parent, ignore_errors=True)
 
-    print(f"\n## Indexing speed — {args.encoder} ({enc16.spec.label()}), {os.cpu_count()} CPU cores, "
-          f"torch {torch.__version__}, {platform.processor() or platform.machine()}\n")
+    print(f"\n## Indexing speed — {args.encoder} ({enc16.spec.label()}), torch {torch.__version__}, "
+          f"{cpu_info().describe()}\n")
     print("| mode | images | seconds | images/s | vs naive |")
     print("|---|---:|---:|---:|---:|")
     for name, n, secs, rate in rows:
@@ -119,7 +120,7 @@ def main() -> None:
           f"{m32['t2i']['R@1']:.1f}/{m32['t2i']['R@5']:.1f}/{m32['t2i']['R@10']:.1f}; "
           f"bf16: {m16['t2i']['R@1']:.1f}/{m16['t2i']['R@5']:.1f}/{m16['t2i']['R@10']:.1f}")
     results = {
-        "encoder": enc16.spec.label(),
+        "encoder": enc16.spec.label(), "cpu": cpu_info().describe(),
         "rows": [{"mode": n, "images": c, "seconds": round(s, 2), "images_per_s": round(r, 2)} for n, c, s, r in rows],
         "bf16_cosine_min": float(cos.min()), "bf16_cosine_mean": float(cos.mean()),
         "retrieval_fp32": m32, "retrieval_bf16": m16,

@@ -284,6 +284,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("retrieval.encoders").setLevel(logging.INFO)  # the engine/precision choice, once, with why
     if args.command in ("build", "add", "remove", "sync", "dupes", "migrate", "search"):
         from retrieval.index import configure_faiss
 

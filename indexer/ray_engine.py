@@ -89,7 +89,10 @@ def probe_encoder(spec_data: dict[str, Any], configs: dict[str, dict[str, Any]] 
     """
     import ray.cloudpickle
 
-    encoder = _build(spec_data, configs)
+    from retrieval.encoders.factory import build_torch_encoder
+
+    _register_configs(configs)
+    encoder = build_torch_encoder(EncoderSpec(**spec_data))  # identity and transform only: no export, no timing
     return encoder.identity(), ray.cloudpickle.dumps(encoder.image_transform)
 
 
@@ -144,6 +147,7 @@ class EncodeActor:
 
         if threads > 0:
             torch.set_num_threads(threads)
+            spec_data = {**spec_data, "threads": spec_data.get("threads") or threads}  # ONNX Runtime's too
         self.encoder = _build(spec_data, configs)
         # A node with another version of the package (or other weight files) would encode into another space.
         if expected_identity is not None and self.encoder.identity() != expected_identity:

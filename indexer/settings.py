@@ -21,7 +21,9 @@ class IndexerSettings(BaseSettings):
     workers: int = Field(2, ge=0, le=64, description="DataLoader worker processes decoding images")
     shard_size: int = Field(1024, ge=1, description="vectors per on-disk shard (the unit of resume)")
     index_key: str | None = Field(None, description="FAISS index factory key; None chooses from size and budget")
-    memory_budget_gb: float | None = Field(None, gt=0, description="RAM budget for the index when choosing its type")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="RAM budget for the index when choosing its type (default: the machine's memory)"
+    )
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images are skipped as bombs")
     progress: bool = True
 

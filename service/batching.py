@@ -1,10 +1,14 @@
-"""Request micro-batching, independent of HTTP.
+"""Request micro-batching and the request pipeline, independent of HTTP.
 
-:class:`MicroBatcher` puts each submitted item with an asyncio future on a bounded queue; one worker task takes up
-to ``max_batch`` items (waiting at most ``max_wait_ms`` for the batch to fill), runs the batch function in a thread
-so the event loop never blocks, and resolves the futures. A full queue raises :class:`Overloaded` at once (HTTP 429).
+:class:`MicroBatcher` puts each submitted item with an asyncio future on a bounded queue; ``workers`` worker tasks
+(one by default) each take up to ``max_batch`` items (waiting at most ``max_wait_ms`` for the batch to fill), run the
+batch function in a thread so the event loop never blocks, and resolve the futures. A full queue raises
+:class:`Overloaded` at once (HTTP 429).
 :class:`DirectRunner` has the same interface with no batching (one thread call per item, bounded in-flight), for
 comparison and for deployments that want it.
+
+:class:`Pipeline` chains them: prepare (a bounded decode pool, or inline checks) -> encode (a batcher on the encoder
+threads) -> search (a batcher on the search threads), so decoding and searching never wait behind the encoder.
 
 The batch function maps ``list[T]`` to a list of the same length whose entries are results or exception instances
 (a bad item fails alone, not its whole batch).
@@ -51,7 +55,8 @@ class BatchObserver(Protocol):
 class Runner(Protocol):
     """What the routes use: ``await runner.submit(item)``."""
 
-    stats: BatcherStats
+    @property
+    def stats(self) -> BatcherStats: ...
 
     async def submit(self, item: Any) -> Any: ...
     def depth(self) -> int: ...
@@ -70,10 +75,13 @@ class MicroBatcher(Generic[T, R]):
         name: str = "batcher",
         observer: BatchObserver | None = None,
         executor: Executor | None = None,
+        workers: int = 1,
     ):
-        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch and queue_size must be >= 1, max_wait_ms >= 0")
+        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0 or workers < 1:
+            raise ValueError("max_batch, queue_size and workers must be >= 1, max_wait_ms >= 0")
         self.fn = fn
+        #: batches in flight at once (each one call of ``fn`` in ``executor``, which needs as many threads)
+        self.workers = workers
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
@@ -82,31 +90,34 @@ class MicroBatcher(Generic[T, R]):
         self.executor = executor
         self.stats = BatcherStats()
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
         self._accepting = False
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Create the queue and the worker task on the running loop."""
-        if self._worker is not None:
+        """Create the queue and the worker tasks on the running loop."""
+        if self._workers:
             return
         self._queue = asyncio.Queue(maxsize=self.queue_size)
         self._accepting = True
-        self._worker = asyncio.create_task(self._run(), name=f"{self.name}-worker")
+        self._workers = [asyncio.create_task(self._run(), name=f"{self.name}-worker-{i}")
+                         for i in range(self.workers)]
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting, let the worker finish everything already queued, then end it."""
+        """Stop accepting, let the workers finish everything already queued, then end them."""
         self._accepting = False
-        if self._worker is None or self._queue is None:
+        if not self._workers or self._queue is None:
             return
         try:
             await asyncio.wait_for(self._queue.join(), timeout)
         except TimeoutError:
             log.warning("%s: %d queued items dropped at shutdown", self.name, self._queue.qsize())
-        self._worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._worker
-        self._worker = None
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._workers = []
         while not self._queue.empty():  # only after a timeout: fail the leftovers instead of leaving them hanging
             _, fut = self._queue.get_nowait()
             if not fut.done():
@@ -246,3 +257,93 @@ class DirectRunner(Generic[T, R]):
         if isinstance(res, BaseException):
             raise res
         return res
+
+
+class Prepared(Protocol):
+    """What a pipeline's ``prepare`` returns: ``vector`` is set when the embedding is already known (a cached query),
+    which skips the encoder."""
+
+    vector: Any
+
+
+P = TypeVar("P", bound=Prepared)
+
+
+class Pipeline(Generic[T, P, R]):
+    """A request's way through the service, each stage on its own threads so none waits behind another:
+
+    1. ``prepare(item) -> P`` (validation, decoding an upload): in ``prepare_executor`` with at most
+       ``prepare_limit`` items in flight (then :class:`Overloaded`), or inline on the event loop when the executor
+       is None (cheap checks). Its exceptions (bad input) reach the caller.
+    2. ``encode``: a runner (micro-batcher on the encoder thread) mapping ``P`` to a vector; skipped when ``prepare``
+       already found the vector.
+    3. ``search``: a runner (on the search threads) mapping ``(P, vector)`` to the result.
+
+    Same interface as the runners (``submit``, ``depth``, ``stats``, ``start``, ``stop``); ``stats`` counts requests
+    and rejections of every stage, and the encoder batches.
+    """
+
+    def __init__(
+        self,
+        prepare: Callable[[T], P],
+        encode: Runner,
+        search: Runner,
+        *,
+        prepare_executor: Executor | None = None,
+        prepare_limit: int = 64,
+        name: str = "pipeline",
+    ):
+        if prepare_limit < 1:
+            raise ValueError("prepare_limit must be >= 1")
+        self.prepare = prepare
+        self.encode = encode
+        self.search = search
+        self.prepare_executor = prepare_executor
+        self.prepare_limit = prepare_limit
+        self.name = name
+        self._submitted = 0
+        self._rejected = 0
+        self._preparing = 0
+        self._in_flight = 0
+
+    @property
+    def stats(self) -> BatcherStats:
+        enc = self.encode.stats
+        return BatcherStats(submitted=self._submitted,
+                            rejected=self._rejected + enc.rejected + self.search.stats.rejected,
+                            batches=enc.batches, items=enc.items, max_seen_batch=enc.max_seen_batch)
+
+    async def start(self) -> None:
+        await self.encode.start()
+        await self.search.start()
+
+    async def stop(self) -> None:
+        await self.encode.stop()
+        await self.search.stop()
+
+    def depth(self) -> int:
+        return self._in_flight
+
+    async def submit(self, item: T) -> R:
+        if self.prepare_executor is not None and self._preparing >= self.prepare_limit:
+            self._rejected += 1
+            raise Overloaded(f"{self.name}: {self._preparing} requests being prepared; retry later")
+        self._submitted += 1
+        self._in_flight += 1
+        try:
+            if self.prepare_executor is None:
+                prepared = self.prepare(item)
+            else:
+                self._preparing += 1
+                try:
+                    prepared = await asyncio.get_running_loop().run_in_executor(self.prepare_executor, self.prepare,
+                                                                                item)
+                finally:
+                    self._preparing -= 1
+            vector = prepared.vector
+            if vector is None:
+                vector = await self.encode.submit(prepared)
+            result: R = await self.search.submit((prepared, vector))
+            return result
+        finally:
+            self._in_flight -= 1

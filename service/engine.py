@@ -22,7 +22,7 @@ from PIL import Image
 
 from retrieval.errors import BadInput, BadQuery, IndexNotFound, RetrievalError, UnknownId
 from retrieval.images import IMAGE_EXTENSIONS, load_image
-from retrieval.index import IndexStore, MetaFilter
+from retrieval.index import IndexStore, MetaFilter, set_thread_omp_threads
 from service import library
 from service.query import SearchSpec, Term
 from service.query import normalize_text as normalize_query
@@ -125,6 +125,7 @@ class Searcher:
         max_top_k: int = 100,
         max_image_pixels: int = 40_000_000,
         mmap: bool = True,
+        omp_threads: int = 1,
         max_offset: int = 1000,
         limits: Limits | None = None,
         fusion_head: str | Path | None = None,
@@ -138,6 +139,9 @@ class Searcher:
         self.max_image_pixels = max_image_pixels
         self.thumb_size = thumb_size
         self.mmap = mmap
+        #: faiss OpenMP threads for searches made by this searcher, set per calling thread (see
+        #: :func:`~retrieval.index.set_thread_omp_threads`: idle OpenMP workers spin after every search)
+        self.omp_threads = omp_threads
         self.max_offset = max_offset
         self.limits = limits or Limits()
         #: score -> probability of relevance, from the encoder's head checkpoint (None: not calibrated)
@@ -205,25 +209,33 @@ class Searcher:
             raise BadInput(f"top_k is {k}; the limit is {self.max_top_k}")
         return k
 
+    def cached_text_vector(self, text: str) -> np.ndarray | None:
+        """The cached embedding of a normalised query (read-only ``(dim,)`` float32), or None."""
+        vec: np.ndarray | None = self.query_cache.get((self._identity_key, text))
+        return vec
+
+    def encode_and_cache(self, texts: Sequence[str]) -> np.ndarray:
+        """Encode normalised queries in one encoder call (duplicates once) and cache them: ``(n, dim)`` float32."""
+        uniq = list(dict.fromkeys(texts))
+        vecs = self.encoder.encode_text(uniq) if uniq else np.zeros((0, self.encoder.dim), np.float32)
+        by_text: dict[str, np.ndarray] = {}
+        for t, v in zip(uniq, vecs, strict=True):
+            v = np.array(v, dtype=np.float32)
+            v.setflags(write=False)
+            self.query_cache.put((self._identity_key, t), v)
+            by_text[t] = v
+        if not texts:
+            return np.zeros((0, self.encoder.dim), np.float32)
+        return np.stack([by_text[t] for t in texts])
+
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised queries -> ``(n, dim)`` float32. Served from the LRU cache where possible; misses are
         encoded in one call."""
-        out: list[np.ndarray | None] = []
-        missing: dict[str, list[int]] = {}
-        for i, t in enumerate(texts):
-            vec = self.query_cache.get((self._identity_key, t))
-            out.append(vec)
-            if vec is None:
-                missing.setdefault(t, []).append(i)
+        out = [self.cached_text_vector(t) for t in texts]
+        missing = [t for t, v in zip(texts, out, strict=True) if v is None]
         if missing:
-            uniq = list(missing)
-            vecs = self.encoder.encode_text(uniq)
-            for t, v in zip(uniq, vecs, strict=True):
-                v = np.array(v, dtype=np.float32)
-                v.setflags(write=False)
-                self.query_cache.put((self._identity_key, t), v)
-                for i in missing[t]:
-                    out[i] = v
+            fresh = dict(zip(missing, self.encode_and_cache(missing), strict=True))
+            out = [v if v is not None else fresh[t] for t, v in zip(texts, out, strict=True)]
         if not out:
             return np.zeros((0, self.encoder.dim), np.float32)
         return np.stack(out).astype(np.float32, copy=False)  # type: ignore[arg-type]
@@ -237,13 +249,15 @@ class Searcher:
         terms = tuple(Term(self.check_query(t.text), t.weight) for t in spec.terms)
         return replace(spec, terms=terms)
 
-    def _term_vectors(self, specs: Sequence[SearchSpec]) -> dict[str, np.ndarray]:
+    def term_vectors(self, specs: Sequence[SearchSpec]) -> dict[str, np.ndarray]:
         texts = list(dict.fromkeys(t.text for s in specs for t in s.terms))
         return dict(zip(texts, self.embed_texts(texts), strict=True)) if texts else {}
 
-    def _answer(self, spec: SearchSpec, vectors: dict[str, np.ndarray], snap: Snapshot,
-                image_vector: np.ndarray | None = None) -> Page:
-        """One checked spec with its term vectors (and an uploaded image's vector) -> a page."""
+    def answer(self, spec: SearchSpec, vectors: dict[str, np.ndarray], snap: Snapshot | None = None,
+               image_vector: np.ndarray | None = None) -> Page:
+        """One checked spec with its term vectors (text -> ``(dim,)`` float32) and an uploaded image's vector ->
+        a page, over ``snap`` (default: the current snapshot)."""
+        snap = snap or self._snapshot
         if spec.image_id is not None:
             if image_vector is not None:
                 raise BadInput("image_id: give an indexed image or upload one, not both")
@@ -262,6 +276,7 @@ class Searcher:
             query = self.fusion.compose(image_vector, combine(term_vecs, weights))[0]
         else:
             query = combine(term_vecs, weights, image_vector, spec.image_weight)
+        set_thread_omp_threads(self.omp_threads)  # this thread's faiss OpenMP team (idle workers spin otherwise)
         page = run_search(snap.store, spec, query, rows_for=snap.rows_for, calibration=self.calibration,
                           limits=self.limits)
         return replace(page, compose="fusion" if fuse else "sum", truncated_to=self._truncated_to(spec))
@@ -273,8 +288,9 @@ class Searcher:
         return next((c for c in cuts if c), None)
 
     def search_specs(self, specs: Sequence[SearchSpec]) -> list[Page | BaseException]:
-        """The text batcher's function: one encoder call for every term text of the batch, then each search. A bad
-        spec yields its exception in its slot; the others still get answers."""
+        """Specs -> pages, here and now: one encoder call for the term texts the query cache lacks, then each
+        search (the service runs specs with texts through its pipelines, :mod:`service.stages`, and specs with
+        only an indexed image here). A bad spec yields its exception in its slot; the others still get answers."""
         snap = self._snapshot
         results: list[Page | BaseException] = [Page([], None) for _ in specs]
         checked: dict[int, SearchSpec] = {}
@@ -283,39 +299,20 @@ class Searcher:
                 checked[i] = self.check_spec(spec)
             except RetrievalError as exc:
                 results[i] = exc
-        vectors = self._term_vectors(list(checked.values()))
+        vectors = self.term_vectors(list(checked.values()))
         for i, spec in checked.items():
             try:
-                results[i] = self._answer(spec, vectors, snap)
+                results[i] = self.answer(spec, vectors, snap)
             except RetrievalError as exc:
                 results[i] = exc
         return results
 
     # -- images ----------------------------------------------------------------------------------------------------
-    def search_image_batch(self, items: Sequence[tuple[bytes, SearchSpec]]) -> list[Page | BaseException]:
-        """The image batcher's function: ``(encoded image bytes, spec)`` items; the image joins each spec's terms
-        with the spec's ``image_weight``. Undecodable images (not an image, truncated, decompression bombs) yield
-        :class:`BadImage` in their slot."""
-        snap = self._snapshot
-        results: list[Page | BaseException] = [Page([], None) for _ in items]
-        images: list[Image.Image] = []
-        good: list[tuple[int, SearchSpec]] = []
-        for i, (data, spec) in enumerate(items):
-            try:
-                checked = self.check_spec(spec)
-                images.append(load_image(data, max_pixels=self.max_image_pixels))
-                good.append((i, checked))
-            except RetrievalError as exc:
-                results[i] = exc
-        if good:
-            image_vecs = self.encoder.encode_images(images)
-            vectors = self._term_vectors([spec for _, spec in good])
-            for (i, spec), vec in zip(good, image_vecs, strict=True):
-                try:
-                    results[i] = self._answer(spec, vectors, snap, image_vector=vec)
-                except RetrievalError as exc:
-                    results[i] = exc
-        return results
+    def decode_upload(self, data: bytes) -> np.ndarray:
+        """Encoded image bytes -> the encoder's input pixels ``(3, H, W)`` float32. Raises :class:`BadImage`
+        (not an image, truncated, a decompression bomb). CPU-bound: the service runs it in its decode pool."""
+        image = load_image(data, max_pixels=self.max_image_pixels, draft=self.encoder.decode_draft())
+        return np.asarray(self.encoder.image_transform(image), dtype=np.float32)
 
     # -- files -----------------------------------------------------------------------------------------------------
     def image_path(self, item_id: str) -> Path:

@@ -8,7 +8,7 @@ import argparse
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,23 +41,12 @@ log = logging.getLogger("service")
 MULTIPART_OVERHEAD = 64 * 1024
 
 
-def _make_runner(settings: ServiceSettings, fn: Any, name: str, metrics: Metrics, executor: Executor) -> Any:
-    from service.batching import DirectRunner, MicroBatcher
-
-    observer = metrics.batch_observer(name)
-    if settings.batching:
-        return MicroBatcher(fn, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                            queue_size=settings.queue_size, name=f"{name}-batcher", observer=observer,
-                            executor=executor)
-    return DirectRunner(fn, queue_size=settings.queue_size, name=f"{name}-direct", observer=observer,
-                        executor=executor)
-
-
 def _lifespan(encoder: Encoder | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from service.engine import Searcher
         from service.searching import Limits
+        from service.stages import make_pipelines
 
         state: ServiceState = app.state.service
         cfg = state.settings
@@ -74,6 +63,10 @@ def _lifespan(encoder: Encoder | None):
                 from retrieval.index import IndexStore
 
                 spec = cfg.encoder.spec()
+                if spec.threads is None:  # half the cores encode; the rest serve HTTP, decode and search
+                    from retrieval.encoders.cpu import usable_cores
+
+                    spec = spec.model_copy(update={"threads": max(1, usable_cores() // 2)})
                 # Fail fast, before loading any weights: the manifest must name this encoder.
                 await asyncio.to_thread(IndexStore.open, cfg.index_dir, expected_encoder=spec.identity())
                 enc = await asyncio.to_thread(build_encoder, spec)
@@ -84,7 +77,8 @@ def _lifespan(encoder: Encoder | None):
                     enc, cfg.index_dir, image_root=cfg.image_root, cache_size=cfg.cache_size,
                     thumb_cache_size=cfg.thumb_cache_size, thumb_size=cfg.thumb_size,
                     max_query_chars=cfg.max_query_chars, max_top_k=cfg.max_top_k,
-                    max_image_pixels=cfg.max_image_pixels, max_offset=cfg.max_offset,
+                    max_image_pixels=cfg.max_image_pixels, omp_threads=cfg.search_omp_threads,
+                    max_offset=cfg.max_offset,
                     limits=Limits(max_sort_candidates=cfg.max_sort_candidates, hybrid_pool=cfg.hybrid_pool),
                     fusion_head=cfg.fusion_head,
                 )
@@ -96,11 +90,20 @@ def _lifespan(encoder: Encoder | None):
         if cfg.warmup:
             await asyncio.to_thread(searcher.warmup)
         state.searcher = searcher
-        # One thread runs every encoder call (text and image): the encoder serialises calls anyway, and torch keeps
-        # one OpenMP thread team per calling thread.
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
-        state.text_runner = _make_runner(cfg, searcher.search_specs, "text", state.metrics, executor)
-        state.image_runner = _make_runner(cfg, searcher.search_image_batch, "image", state.metrics, executor)
+        # The encoder threads run every encoder call (text and image): `workers` batches at once, each with the
+        # encoder's intra-op threads (half the cores by default, so two batches keep a 2-core machine encoding under
+        # load). Uploads are decoded in their own bounded pool and index searches run on their own threads, so
+        # neither waits behind the encoder.
+        from retrieval.encoders.cpu import usable_cores
+
+        workers = cfg.encode_workers or max(1, usable_cores() // (enc.spec.threads or usable_cores()))
+        await asyncio.to_thread(enc.allow_parallel_calls, workers)
+        executors = [ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encoder"),
+                     ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode"),
+                     ThreadPoolExecutor(max_workers=cfg.search_threads, thread_name_prefix="search")]
+        state.text_runner, state.image_runner = make_pipelines(
+            searcher, cfg, encoder_executor=executors[0], decode_executor=executors[1],
+            search_executor=executors[2], observer=state.metrics.batch_observer, encode_workers=workers)
         await state.text_runner.start()
         await state.image_runner.start()
         state.metrics.index_vectors.set(len(searcher.store.ids))
@@ -108,7 +111,7 @@ def _lifespan(encoder: Encoder | None):
         state.ready = True
         log.info("service ready", extra={"index_dir": str(cfg.index_dir), "count": len(searcher.store.ids),
                                          "encoder": searcher.store.manifest.encoder_label,
-                                         "batching": cfg.batching})
+                                         "runtime": enc.runtime_label(), "batching": cfg.batching})
         try:
             async with index_watcher(state, cfg.watch_index_s):
                 yield
@@ -116,7 +119,8 @@ def _lifespan(encoder: Encoder | None):
             state.ready = False  # readiness fails first, then queued work drains
             await state.text_runner.stop()
             await state.image_runner.stop()
-            executor.shutdown(wait=True)
+            for executor in executors:
+                executor.shutdown(wait=True)
             log.info("service stopped")
 
     return lifespan

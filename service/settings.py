@@ -52,8 +52,26 @@ class ServiceSettings(BaseSettings):
         default=True, description="False: every request runs the encoder on its own (for comparison)"
     )
     max_batch: int = Field(default=32, ge=1, le=1024, description="queries per encoder call")
-    max_wait_ms: float = Field(default=2.0, ge=0, le=1000, description="how long the batcher waits to fill a batch")
+    max_wait_ms: float = Field(
+        default=0.0, ge=0, le=1000,
+        description="how long the batcher waits to fill a batch; 0: it takes what queued up while the encoder was busy "
+        "(no wait when idle, full batches under load)",
+    )
     queue_size: int = Field(default=256, ge=1, description="queued requests before 429")
+
+    encode_workers: int | None = Field(
+        default=None, ge=1, le=64,
+        description="encoder batches run at once (None: the cores / the encoder's intra-op threads); more than one "
+        "keeps every core encoding under load while a single query still gets the encoder's threads",
+    )
+    decode_threads: int = Field(default=2, ge=1, le=64, description="threads decoding uploaded images")
+    decode_queue: int = Field(default=32, ge=1, description="uploads being decoded or waiting to be, before 429")
+    search_threads: int = Field(default=1, ge=1, le=64, description="threads running index searches")
+    search_omp_threads: int = Field(
+        default=1, ge=1, le=256,
+        description="faiss OpenMP threads per search thread; more only helps large batches over large indexes, and "
+        "idle OpenMP workers spin-wait after every search",
+    )
 
     cache_size: int = Field(default=4096, ge=0, description="LRU query-embedding cache entries (0: off)")
     thumb_cache_size: int = Field(default=1024, ge=0, description="thumbnails kept in memory")

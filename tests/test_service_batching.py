@@ -147,3 +147,29 @@ async def test_direct_runner_bounds_in_flight():
 def test_invalid_parameters():
     with pytest.raises(ValueError):
         MicroBatcher(lambda xs: xs, max_batch=0)
+
+
+async def test_two_workers_run_two_batches_at_once():
+    from concurrent.futures import ThreadPoolExecutor
+
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def fn(items: list[int]) -> list[int]:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return [x + 1 for x in items]
+
+    pool = ThreadPoolExecutor(max_workers=2)
+    b = MicroBatcher(fn, max_batch=4, max_wait_ms=0, workers=2, executor=pool)
+    await b.start()
+    out = await asyncio.gather(*(b.submit(i) for i in range(16)))
+    await b.stop()
+    pool.shutdown()
+    assert out == [i + 1 for i in range(16)] and peak == 2

@@ -44,6 +44,9 @@ class Batch:
 class ImageLoadDataset(Dataset[LoadedItem]):
     """Decodes ``records[i].path`` with :func:`~retrieval.images.load_image` and applies ``transform``.
 
+    ``draft`` ``(width, height)``: let the JPEG decoder scale large photos down on the way in, never below that
+    size (see :func:`~retrieval.images.load_image`); None decodes at full size.
+
     Never raises for a bad file: item ``i`` is ``LoadedItem(i, None, reason)`` when the image is unreadable,
     truncated or larger than ``max_pixels``. Picklable (for ``num_workers > 0``) when ``transform`` is.
     """
@@ -53,17 +56,19 @@ class ImageLoadDataset(Dataset[LoadedItem]):
         records: Sequence[ImageRecord],
         transform: Callable[[Image.Image], torch.Tensor],
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        draft: tuple[int, int] | None = None,
     ) -> None:
         self.paths = [str(r.path) for r in records]
         self.transform = transform
         self.max_pixels = max_pixels
+        self.draft = draft
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> LoadedItem:
         try:
-            image = load_image(self.paths[i], max_pixels=self.max_pixels)
+            image = load_image(self.paths[i], max_pixels=self.max_pixels, draft=self.draft)
         except BadImage as exc:
             return LoadedItem(i, None, str(exc))
         pixels = self.transform(image)

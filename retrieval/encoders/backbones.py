@@ -1,8 +1,15 @@
-"""The two interfaces every backbone family implements: raw (pre-head) image and text features."""
+"""The two interfaces every backbone family implements: raw (pre-head) image and text features.
+
+Two optional hooks let a built encoder be loaded again from its ONNX export without importing the model library
+(:mod:`retrieval.encoders.bundle`): ``source_files()`` names the files the weights came from (None: unknown, e.g.
+random weights or a hub download, and then the encoder is always built in full), and ``fast_tokenizer()`` gives a
+Hugging Face ``tokenizers`` description of ``tokenize`` (None: none).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -15,6 +22,10 @@ class ImageBackbone(torch.nn.Module):
     out_dim: int
     transform: Callable[[Image.Image], torch.Tensor]
 
+    def source_files(self) -> list[Path] | None:
+        """Files (or folders) the weights were loaded from; None when they cannot be named."""
+        return None
+
 
 class TextBackbone(torch.nn.Module):
     """A batch of strings -> raw features ``(n, out_dim)``."""
@@ -24,6 +35,14 @@ class TextBackbone(torch.nn.Module):
     def tokenize(self, texts: Sequence[str]) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def source_files(self) -> list[Path] | None:
+        """Files (or folders) the weights and the tokenizer were loaded from; None when they cannot be named."""
+        return None
+
+    def fast_tokenizer(self) -> dict[str, Any] | None:
+        """``{"tokenizer_json", "max_length", "pad_id", "pad_token", "outputs", "constants"}`` when ``tokenize`` is
+        a Hugging Face fast tokenizer padding to the longest text (see :class:`~retrieval.encoders.bundle.
+        FastTokenizer`); None otherwise."""
     def token_limit(self) -> int | None:
         """Tokens the model reads of a text (special tokens included); the rest is cut off. None: unknown."""
         return None

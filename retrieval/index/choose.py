@@ -1,12 +1,16 @@
 """Choosing the FAISS index type: a pure function of the vector count, the dimension and a memory budget.
 
 After criteo/autofaiss ``get_optimal_index_keys_v2``: exact ``Flat`` while it is small enough, then ``HNSW32``, then
-``IVF-PQ``; tested with a table (tests/test_index_store.py).
+``IVF-PQ``; tested with a table (tests/test_index_store.py). The callers' default budget is the memory this machine
+has (:func:`default_memory_budget`), so 50M x 384 does not pick a 90 GB HNSW graph on a 24 GB machine;
+``make bench-scale`` measures where the switch points sit.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 from retrieval.errors import BadInput
 
@@ -20,6 +24,38 @@ IVF_HNSW_QUANTIZER_MIN_NLIST = 8192
 MIN_POINTS_PER_CENTROID = 39
 #: Largest number of PQ sub-quantizers the chooser considers (64 bytes per vector with 8-bit codes).
 MAX_PQ_M = 64
+
+
+def machine_memory_bytes(meminfo: str | Path = "/proc/meminfo",
+                         cgroup_limit: str | Path = "/sys/fs/cgroup/memory.max") -> int | None:
+    """The memory this process can have: the machine's ``MemTotal``, lowered to the cgroup (container) limit where
+    one is set. None where neither can be read (then nothing limits the choice)."""
+    total: int | None = None
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        total = None
+    if total is None and hasattr(os, "sysconf"):
+        try:
+            total = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError):
+            total = None
+    try:
+        limit_text = Path(cgroup_limit).read_text().strip()
+        if limit_text.isdigit():
+            limit = int(limit_text)
+            total = limit if total is None else min(total, limit)
+    except OSError:
+        pass
+    return total
+
+
+def default_memory_budget() -> int | None:
+    """The budget when the caller gives none: the machine's memory (:func:`machine_memory_bytes`)."""
+    return machine_memory_bytes()
 
 
 def flat_bytes(n: int, dim: int) -> int:

@@ -16,8 +16,9 @@ from retrieval.index.manifest import INDEX_FILE
 #: faiss switches from its own distance loops to BLAS above this many queries. faiss-cpu 1.15.1's default (128000
 #: here) makes batched search ~11x slower (docs in STACK.md) and PQ/k-means training up to ~50x slower; 20 fixes both.
 BLAS_THRESHOLD = 20
-#: Default search effort when the caller gives none.
-DEFAULT_EF_SEARCH = 64
+#: Default search effort when the caller gives none. HNSW32 over 1M embedding-like vectors (make bench-scale):
+#: recall@10 0.79 at efSearch 64, 0.88 at 128, for ~0.1 ms more per query.
+DEFAULT_EF_SEARCH = 128
 DEFAULT_NPROBE_MIN = 16
 
 
@@ -25,6 +26,13 @@ def configure_faiss() -> None:
     """Set faiss's process-wide tuning (:data:`BLAS_THRESHOLD`). The library never calls this: each app calls it
     once at start (the indexer and trainer CLIs, the service lifespan, the benchmarks)."""
     faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+
+
+def set_thread_omp_threads(n: int) -> None:
+    """OpenMP threads for faiss calls made *from the calling thread* (an OpenMP setting is per thread). Server
+    threads that search one small batch at a time use 1: faiss's idle OpenMP workers otherwise spin-wait after every
+    search (libgomp's default), which measured ~45 ms of CPU per request on 2 shared cores."""
+    faiss.omp_set_num_threads(max(1, int(n)))
 
 
 def faiss_gpu_count() -> int:

@@ -11,7 +11,7 @@ import numpy as np
 
 from retrieval.atomic import folder_lock
 from retrieval.errors import BadInput, UnknownId
-from retrieval.index.choose import choose_index_key
+from retrieval.index.choose import choose_index_key, default_memory_budget
 from retrieval.index.faiss_ops import build_faiss, is_reconstructible
 from retrieval.index.folder import commit_folder, read_skipped, validate_metadata, validate_vectors
 from retrieval.index.manifest import SCHEMA_VERSION, Manifest, check_encoder, now_iso
@@ -33,8 +33,9 @@ def write_index(
     """Build an index from ``vectors`` ``(n, d)`` float32 (L2-normalised) and row-aligned ``metadata`` (each with a
     unique string ``"id"``) and write it atomically to ``out_dir``, replacing any index there.
 
-    ``index_key`` None: :func:`choose_index_key` (n, d, ``memory_budget_bytes``). ``build`` is recorded in the
-    manifest, together with training/search defaults (``nlist``, ``nprobe``, ``efSearch``, ``train_size``).
+    ``index_key`` None: :func:`choose_index_key` (n, d, ``memory_budget_bytes``; default: the machine's memory).
+    ``build`` is recorded in the manifest, together with training/search defaults (``nlist``, ``nprobe``,
+    ``efSearch``, ``train_size``).
     Raises :class:`BadInput` for bad vectors/metadata/key.
     """
     vectors = validate_vectors(vectors)
@@ -42,6 +43,8 @@ def write_index(
     validate_metadata(metadata, n)
     if "dim" in encoder_identity and encoder_identity["dim"] != d:
         raise BadInput(f"encoder identity says dim={encoder_identity['dim']}, vectors have dim {d}")
+    if memory_budget_bytes is None and index_key is None:
+        memory_budget_bytes = default_memory_budget()
     key = index_key or choose_index_key(n, d, memory_budget_bytes)
     index, info = build_faiss(vectors, key)
     build_params = {**(build or {}), **info}
