@@ -69,7 +69,9 @@ def site(tmp_path_factory, tiny_clip_spec):
     encoder.calibration = Calibration("platt", {"a": 60.0, "b": -60.0 * median})
     settings = IndexerSettings(batch_size=8, workers=0, progress=False)
     build_index(root / "photos", root / "idx", settings, engine=LocalEngine(encoder, settings))
-    app = create_app(ServiceSettings(index_dir=root / "idx", warmup=False, access_log=False), encoder=encoder)
+    # the threshold the page applies is a setting; 0.5 splits this encoder's calibrated hits
+    settings = ServiceSettings(index_dir=root / "idx", warmup=False, access_log=False, default_min_relevance=0.5)
+    app = create_app(settings, encoder=encoder)
     with serving(app) as base:
         yield base, root, ids
 

@@ -316,3 +316,28 @@ def test_default_encoder_still_finds_everyday_objects(caltech101_dev: Path) -> N
         return query_metrics(enc.encode_text(prompts), enc.encode_images(images), relevant)["mAP"]
 
     assert class_map("default") > class_map("caption-heads") + 15
+
+
+@pytest.mark.slow
+def test_the_pages_default_threshold_keeps_what_captions_describe(flickr8k: Path) -> None:
+    """The page hides hits below ``default_min_relevance``. The shipped calibration is P(the photo a caption was
+    written for), low even for good hits; a default of 0.5 hid nearly every hit of ordinary queries (an empty page).
+    For the captions of 100 Flickr8k dev photos, the caption's own photo must pass the default in at least 85% of
+    cases (all 5,000 dev captions: 90% at the default 0.005; 0% at 0.5)."""
+    import json
+
+    from retrieval.images import load_image
+    from service.settings import ServiceSettings
+
+    rows = [json.loads(line) for line in (flickr8k / "captions.jsonl").read_text().splitlines()]
+    dev = set((flickr8k / "Flickr_8k.devImages.txt").read_text().split())
+    picked = [r for r in rows if r["image"] in dev][:100]
+    assert len(picked) == 100
+    enc = build_encoder("default")
+    assert enc.calibration is not None
+    images = enc.encode_images([load_image(flickr8k / "images" / r["image"]) for r in picked])
+    captions = [(i, c) for i, r in enumerate(picked) for c in r["captions"]]
+    texts = enc.encode_text([c for _, c in captions])
+    own = enc.calibration((images[[i for i, _ in captions]] * texts).sum(1))
+    kept = float((own >= ServiceSettings().default_min_relevance).mean())
+    assert kept >= 0.85, (kept, np.percentile(own, [10, 50, 90]))
