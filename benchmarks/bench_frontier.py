@@ -5,20 +5,17 @@
 
 Speed: preprocessed pixels (real Flickr8k test photos, decoding excluded) through ``backbone + heads`` with
 ``Encoder.encode_pixels`` at ``--batch`` on ``--threads`` threads, after a warm-up; the median of ``--repeats``
-timed windows. Engines: torch fp32 and torch bf16 weights (``onnx`` when ``retrieval.encoders`` offers an ONNX
-Runtime engine: the speed lane adds it). Quality: the dev-set rows of ``benchmarks/results/quality_sweep.jsonl``
-named in :data:`CANDIDATES` (choices are made on dev; test numbers live in bench_train.json / the model card).
-Prints a markdown table with the CPU model and flags, writes ``benchmarks/results/bench_frontier.json`` and
-``bench_frontier.png``. Timings on a shared machine are provisional. Quality rows:
-``benchmarks/results/quality_frontier.json`` (dev numbers copied from quality_sweep.jsonl; Lite2: the earlier dev
-sweep of mlp heads, Caltech not measured).
-"""
+timed windows. Engines: ``ENGINE-PRECISION`` (torch fp32 / bf16, ONNX Runtime fp32 / int8). Quality: the dev-set
+rows of ``benchmarks/results/quality_sweep.jsonl`` named in :data:`CANDIDATES` (choices are made on dev; test
+numbers live in bench_train.json / the model card). Prints a markdown table with the CPU model and flags, writes
+``benchmarks/results/bench_frontier.json`` and ``bench_frontier.png``. Timings on a shared machine are provisional.
+Quality rows: ``benchmarks/results/quality_frontier.json`` (dev numbers copied from quality_sweep.jsonl; Lite2: the
+earlier dev sweep of mlp heads, Caltech not measured)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -42,24 +39,18 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 }
 
 
-def cpu_info() -> dict[str, Any]:
-    model, flags = "unknown", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    keep = [f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma", "avx_vnni")]
-    return {"model": model, "flags": keep, "cores": os.cpu_count(), "torch_capability":
-            torch.backends.cpu.get_cpu_capability(), "platform": platform.platform()}
+def cpu_summary() -> dict[str, Any]:
+    """The processor as the encoders see it (:func:`retrieval.encoders.cpu.cpu_info`) plus torch's capability."""
+    from retrieval.encoders.cpu import cpu_info
+
+    info = cpu_info()
+    return {"model": info.describe(), "flags": sorted(info.flags), "cores": info.cores,
+            "torch_capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform()}
 
 
-def images_per_s(spec_str: str, heads: str | None, precision: str, pixels: torch.Tensor, batch: int,
+def images_per_s(spec_str: str, heads: str | None, engine: str, precision: str, pixels: torch.Tensor, batch: int,
                  seconds: float, repeats: int) -> float:
-    enc = build_encoder(parse_spec(spec_str, precision=precision, device="cpu", heads=heads))
+    enc = build_encoder(parse_spec(spec_str, engine=engine, precision=precision, device="cpu", heads=heads))
     x = pixels[:batch]
     enc.encode_pixels(x)
     enc.encode_pixels(x)  # warm-up (oneDNN primitive creation)
@@ -76,7 +67,8 @@ def images_per_s(spec_str: str, heads: str | None, precision: str, pixels: torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data/flickr8k")
-    ap.add_argument("--engines", nargs="+", default=["torch-fp32", "torch-bf16"])
+    ap.add_argument("--engines", nargs="+", default=["torch-fp32", "torch-bf16", "onnx-fp32"],
+                    help="ENGINE-PRECISION: torch-fp32, torch-bf16, onnx-fp32, onnx-int8")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=12.0, help="timed seconds per candidate and engine")
@@ -98,17 +90,14 @@ def main() -> None:
                                **quality.get(cand["quality"], {})}
         for engine in args.engines:
             kind, _, precision = engine.partition("-")
-            if kind != "torch":
-                print(f"skipping engine {engine}: not available in this build", file=sys.stderr)
-                continue
-            row[engine] = round(images_per_s(cand["encoder"], heads, precision, pixels, args.batch, args.seconds,
-                                             args.repeats), 1)
+            row[engine] = round(images_per_s(cand["encoder"], heads, kind, precision, pixels, args.batch,
+                                             args.seconds, args.repeats), 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    cpu = cpu_info()
-    print(f"\nCPU: {cpu['model']} ({cpu['cores']} cores, torch capability {cpu['torch_capability']}, "
-          f"flags {' '.join(cpu['flags'])}); {args.threads} threads, batch {args.batch}, decoding excluded\n")
+    cpu = cpu_summary()
+    print(f"\nCPU: {cpu['model']} (torch capability {cpu['torch_capability']}); {args.threads} threads, "
+          f"batch {args.batch}, decoding excluded\n")
     cols = [e for e in args.engines if any(e in r for r in rows)]
     print("| candidate | " + " | ".join(f"images/s {c}" for c in cols)
           + " | Flickr8k dev T→I R@1 | Caltech-101 dev mAP | P@10 |")
@@ -131,7 +120,7 @@ def plot(rows: list[dict[str, Any]], engines: list[str], path: Path, cpu: str) -
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
-    engine = "torch-bf16" if "torch-bf16" in engines else engines[0]
+    engine = "onnx-fp32" if "onnx-fp32" in engines else engines[0]
     for ax, key, name in zip(axes, ("dev_t2i_R@1", "caltech_mAP"), ("Flickr8k dev T→I R@1", "Caltech-101 dev mAP"),
                              strict=True):
         for r in rows:
