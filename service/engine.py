@@ -26,7 +26,7 @@ from retrieval.index import IndexStore, MetaFilter, set_thread_omp_threads
 from service import library
 from service.query import SearchSpec, Term
 from service.query import normalize_text as normalize_query
-from service.searching import Hit, Limits, Page, combine, run_search
+from service.searching import Hit, Limits, Page, combine, run_searches
 
 if TYPE_CHECKING:
     from retrieval.encoders import Encoder
@@ -253,11 +253,10 @@ class Searcher:
         texts = list(dict.fromkeys(t.text for s in specs for t in s.terms))
         return dict(zip(texts, self.embed_texts(texts), strict=True)) if texts else {}
 
-    def answer(self, spec: SearchSpec, vectors: dict[str, np.ndarray], snap: Snapshot | None = None,
-               image_vector: np.ndarray | None = None) -> Page:
-        """One checked spec with its term vectors (text -> ``(dim,)`` float32) and an uploaded image's vector ->
-        a page, over ``snap`` (default: the current snapshot)."""
-        snap = snap or self._snapshot
+    def _query(self, spec: SearchSpec, vectors: dict[str, np.ndarray], snap: Snapshot,
+               image_vector: np.ndarray | None) -> tuple[SearchSpec, np.ndarray, bool]:
+        """(the spec with its query image excluded, the query vector ``(dim,)`` float32, whether the fusion head
+        composed it)."""
         if spec.image_id is not None:
             if image_vector is not None:
                 raise BadInput("image_id: give an indexed image or upload one, not both")
@@ -273,13 +272,40 @@ class Searcher:
         if fuse and self.fusion is None:
             raise BadInput("compose: this service has no fusion head (set SERVICE_FUSION_HEAD), use sum or auto")
         if fuse:
-            query = self.fusion.compose(image_vector, combine(term_vecs, weights))[0]
-        else:
-            query = combine(term_vecs, weights, image_vector, spec.image_weight)
-        set_thread_omp_threads(self.omp_threads)  # this thread's faiss OpenMP team (idle workers spin otherwise)
-        page = run_search(snap.store, spec, query, rows_for=snap.rows_for, calibration=self.calibration,
-                          limits=self.limits)
-        return replace(page, compose="fusion" if fuse else "sum", truncated_to=self._truncated_to(spec))
+            return spec, self.fusion.compose(image_vector, combine(term_vecs, weights))[0], True
+        return spec, combine(term_vecs, weights, image_vector, spec.image_weight), False
+
+    def answer_many(self, items: Sequence[tuple[SearchSpec, dict[str, np.ndarray], np.ndarray | None]],
+                    snap: Snapshot | None = None) -> list[Page | BaseException]:
+        """Checked specs, each with its term vectors (text -> ``(dim,)`` float32) and an uploaded image's vector (or
+        None) -> pages over ``snap`` (default: the current snapshot); the unfiltered vector searches among them
+        share one index search (:func:`~service.searching.run_searches`). A spec that fails yields its
+        :class:`RetrievalError` in its slot."""
+        snap = snap or self._snapshot
+        out: list[Page | BaseException] = [Page([], None) for _ in items]
+        ready: list[tuple[int, SearchSpec, np.ndarray, bool]] = []
+        for i, (spec, vectors, image_vector) in enumerate(items):
+            try:
+                ready.append((i, *self._query(spec, vectors, snap, image_vector)))
+            except RetrievalError as exc:
+                out[i] = exc
+        if ready:
+            set_thread_omp_threads(self.omp_threads)  # this thread's faiss OpenMP team (idle workers spin otherwise)
+            pages = run_searches(snap.store, [spec for _, spec, _, _ in ready], np.stack([q for _, _, q, _ in ready]),
+                                 rows_for=snap.rows_for, calibration=self.calibration, limits=self.limits)
+            for (i, spec, _, fused), page in zip(ready, pages, strict=True):
+                out[i] = page if isinstance(page, BaseException) else replace(
+                    page, compose="fusion" if fused else "sum", truncated_to=self._truncated_to(spec))
+        return out
+
+    def answer(self, spec: SearchSpec, vectors: dict[str, np.ndarray], snap: Snapshot | None = None,
+               image_vector: np.ndarray | None = None) -> Page:
+        """One checked spec with its term vectors and an uploaded image's vector -> a page (raises what
+        :meth:`answer_many` would put in its slot)."""
+        page = self.answer_many([(spec, vectors, image_vector)], snap)[0]
+        if isinstance(page, BaseException):
+            raise page
+        return page
 
     def _truncated_to(self, spec: SearchSpec) -> int | None:
         """The text model's token limit when a term of ``spec`` is longer and was cut to it (else None)."""
@@ -300,11 +326,9 @@ class Searcher:
             except RetrievalError as exc:
                 results[i] = exc
         vectors = self.term_vectors(list(checked.values()))
-        for i, spec in checked.items():
-            try:
-                results[i] = self.answer(spec, vectors, snap)
-            except RetrievalError as exc:
-                results[i] = exc
+        pages = self.answer_many([(spec, vectors, None) for spec in checked.values()], snap)
+        for i, page in zip(checked, pages, strict=True):
+            results[i] = page
         return results
 
     # -- images ----------------------------------------------------------------------------------------------------

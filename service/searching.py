@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.calibration import Calibration
-from retrieval.errors import BadInput, BadQuery
+from retrieval.errors import BadInput, BadQuery, RetrievalError
 from retrieval.index import IndexStore, MetaFilter, filtered_search, score_rows
 from service.query import SearchSpec, positive_text
 
@@ -108,6 +108,43 @@ def _rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> dict[int, float]:
     return fused
 
 
+def candidate_pool(spec: SearchSpec, limits: Limits) -> int:
+    """Hits a spec's ranking needs before thresholds and the page: one more than the page when sorted by score (is
+    there a next page?), else the date sort's candidates."""
+    return spec.offset + spec.k + 1 if spec.sort == "score" else limits.max_sort_candidates
+
+
+def run_searches(
+    store: IndexStore,
+    specs: Sequence[SearchSpec],
+    queries: np.ndarray,
+    *,
+    rows_for: Callable[[MetaFilter], np.ndarray | None] | None = None,
+    calibration: Calibration | None = None,
+    limits: Limits | None = None,
+) -> list[Page | BaseException]:
+    """:func:`run_search` for several specs, ``queries`` ``(n, d)`` float32: the vector-mode specs with no filter
+    share one index search (a Flat search of one 640-d query over 8,000 vectors streams all 20 MB of them: 2.5 ms;
+    64 queries at once take 0.14 ms each). A spec that fails yields its :class:`RetrievalError` in its slot."""
+    limits = limits or Limits()
+    select = rows_for or store.meta.select
+    shared = [i for i, spec in enumerate(specs)
+              if spec.mode == "vector" and select(to_meta_filter(spec.filter, spec.exclude)) is None]
+    prefetched: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if shared:
+        k = max(candidate_pool(specs[i], limits) for i in shared)
+        scores, rows = filtered_search(store, np.asarray(queries, np.float32)[shared], k, None)
+        prefetched = {i: (scores[j], rows[j]) for j, i in enumerate(shared)}
+    out: list[Page | BaseException] = []
+    for i, spec in enumerate(specs):
+        try:
+            out.append(run_search(store, spec, queries[i], rows_for=rows_for, calibration=calibration,
+                                  limits=limits, prefetched=prefetched.get(i)))
+        except RetrievalError as exc:
+            out.append(exc)
+    return out
+
+
 def run_search(
     store: IndexStore,
     spec: SearchSpec,
@@ -116,19 +153,21 @@ def run_search(
     rows_for: Callable[[MetaFilter], np.ndarray | None] | None = None,
     calibration: Calibration | None = None,
     limits: Limits | None = None,
+    prefetched: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Page:
     """Answer ``spec`` with the query vector ``query`` ``(d,)`` over ``store``.
 
-    ``rows_for``: the rows of a filter (the searcher passes a cached :meth:`MetaDB.select`). Raises
-    :class:`BadInput` for ``min_relevance`` without a calibration and for a hybrid search with no words.
+    ``rows_for``: the rows of a filter (the searcher passes a cached :meth:`MetaDB.select`). ``prefetched``: this
+    query's unfiltered top hits ``(scores, rows)``, each ``(n,)`` with ``n >= candidate_pool(spec)``, from a
+    search made for several queries at once (:func:`run_searches`); used by a vector-mode spec with no filter.
+    Raises :class:`BadInput` for ``min_relevance`` without a calibration and for a hybrid search with no words.
     """
     limits = limits or Limits()
     if spec.min_relevance is not None and calibration is None:
         raise BadInput("min_relevance: this encoder has no calibration (use min_score)")
     flt = to_meta_filter(spec.filter, spec.exclude)
     rows = (rows_for or store.meta.select)(flt)
-    need = spec.offset + spec.k + 1  # one more than the page: is there a next page?
-    pool = need if spec.sort == "score" else limits.max_sort_candidates
+    pool = candidate_pool(spec, limits)
     q = np.asarray(query, np.float32).reshape(1, -1)
 
     if spec.mode == "hybrid":
@@ -149,7 +188,10 @@ def run_search(
         cand_scores = np.array([cos[r] for r in order], np.float32)
         cand_fused: np.ndarray | None = np.array([fused[r] for r in order], np.float64)
     else:
-        s, r = filtered_search(store, q, pool, rows)
+        if prefetched is not None and rows is None:
+            s, r = prefetched[0][None, :pool], prefetched[1][None, :pool]
+        else:
+            s, r = filtered_search(store, q, pool, rows)
         keep = r[0] >= 0
         cand_rows, cand_scores, cand_fused = r[0][keep], s[0][keep], None
 

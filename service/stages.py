@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.errors import RetrievalError
 from service.batching import BatchObserver, DirectRunner, MicroBatcher, Pipeline, Runner
 from service.engine import Searcher
 from service.query import SearchSpec
@@ -97,16 +96,10 @@ class SearchStages:
         return [Encoded(v, img) for v, img in zip(self._texts(items), images, strict=True)]
 
     def search(self, items: list[tuple[PreparedQuery, Encoded]]) -> list[Page | BaseException]:
-        """The searches of a micro-batch, on the search threads, over one snapshot. A spec the index refuses
-        (an unknown ``image_id``, ``min_relevance`` without a calibration) yields its exception in its slot."""
-        snap = self.searcher.snapshot
-        out: list[Page | BaseException] = []
-        for p, enc in items:
-            try:
-                out.append(self.searcher.answer(p.spec, enc.texts, snap, image_vector=enc.image))
-            except RetrievalError as exc:
-                out.append(exc)
-        return out
+        """The searches of a micro-batch, on the search threads, over one snapshot; the unfiltered ones share one
+        index search. A spec the index refuses (an unknown ``image_id``, ``min_relevance`` without a calibration)
+        yields its exception in its slot."""
+        return self.searcher.answer_many([(p.spec, enc.texts, enc.image) for p, enc in items])
 
 
 def _runner(settings: ServiceSettings, fn: Any, name: str, executor: Executor, observer: BatchObserver | None,

@@ -11,7 +11,7 @@ from retrieval.errors import BadInput, BadQuery
 from retrieval.filter_spec import MetaFilter
 from retrieval.index import IndexStore, write_index
 from service.query import SearchSpec, Term
-from service.searching import RRF_K, Limits, combine, hit_metadata, run_search
+from service.searching import RRF_K, Limits, Page, combine, hit_metadata, run_search, run_searches
 
 D = 8
 IDENT = {"backend": "test", "dim": D}
@@ -175,3 +175,29 @@ def test_hit_metadata_shape():
     assert m == {"path": "x/y/z.jpg", "folder": "x/y", "captions": ["c"], "camera": "Canon EOS",
                  "taken_at": "2020-01-01T00:00:00"}
     assert hit_metadata({"id": "top.jpg"})["folder"] == "" and hit_metadata({"id": "top.jpg"})["camera"] is None
+
+
+def test_searches_sharing_one_index_search_answer_as_each_alone(store):
+    """The search stage runs a micro-batch's unfiltered vector searches as one index search (one query streams
+    the whole Flat index); every page must be what the spec gets alone, whatever the mix of pages, filters, sorts,
+    thresholds and modes, and a failing spec only fails its own slot."""
+    rng = np.random.default_rng(1)
+    queries = _unit(np.vstack([E0, rng.standard_normal((7, D))]).astype(np.float32))
+    specs = [
+        SearchSpec(terms=(Term("q"),), k=5),
+        SearchSpec(terms=(Term("q"),), k=3, offset=4),
+        SearchSpec(terms=(Term("q"),), k=10, min_score=0.9),
+        SearchSpec(terms=(Term("q"),), k=4, sort="date_desc"),
+        SearchSpec(terms=(Term("q"),), k=4, filter=MetaFilter(path_prefix="b/")),
+        SearchSpec(terms=(Term("q"),), k=3, exclude=("a/r00.jpg",)),
+        SearchSpec(terms=(Term("red kayak"),), k=5, mode="hybrid"),
+        SearchSpec(terms=(Term("q"),), k=2, min_relevance=0.5),  # no calibration: BadInput in its slot
+    ]
+    together = run_searches(store, specs, queries)
+    for spec, q, got in zip(specs, queries, together, strict=True):
+        if spec.min_relevance is not None:
+            assert isinstance(got, BadInput)
+            continue
+        alone = run_search(store, spec, q)
+        assert isinstance(got, Page) and ids(got) == ids(alone) and got.next_offset == alone.next_offset
+        assert [h.score for h in got.hits] == pytest.approx([h.score for h in alone.hits], abs=1e-6)

@@ -253,19 +253,28 @@ class Encoder:
 
     def text_truncation(self, texts: Sequence[str]) -> list[int | None]:
         """For each text: the model's token limit when the text is longer than that (only that many tokens are
-        encoded, the rest is cut off), else None."""
+        encoded, the rest is cut off), else None. Texts too short to reach the limit are not tokenised: every
+        token covers at least one UTF-8 byte, and the special tokens are fewer than :data:`SPECIAL_TOKEN_ALLOWANCE`."""
         check_texts(texts)
         fast: Any = self._tokenizer
-        if fast is not None and hasattr(fast, "truncated"):  # loaded from the ONNX export: no torch modules needed
-            with self._tokenize_lock:
-                cut = fast.truncated(texts)
-            return [int(fast.max_length) if c else None for c in cut]
-        limit = self.text_backbone.token_limit()
+        from_export = fast is not None and hasattr(fast, "truncated")  # no torch modules needed
+        limit = int(fast.max_length) if from_export else self.text_backbone.token_limit()
         if limit is None:
             return [None] * len(texts)
-        with self._lock:  # tokenizers are not all safe to call from several threads at once
-            counts = [self.text_backbone.token_count(t) for t in texts]
-        return [limit if n is not None and n > limit else None for n in counts]
+        long = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + SPECIAL_TOKEN_ALLOWANCE > limit]
+        out: list[int | None] = [None] * len(texts)
+        if not long:
+            return out
+        if from_export:
+            with self._tokenize_lock:
+                cut = fast.truncated([texts[i] for i in long])
+        else:
+            with self._lock:  # tokenizers are not all safe to call from several threads at once
+                counts = [self.text_backbone.token_count(texts[i]) for i in long]
+            cut = [n is not None and n > limit for n in counts]
+        for i, c in zip(long, cut, strict=True):
+            out[i] = limit if c else None
+        return out
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """Strings -> ``(n, dim)`` float32, L2-normalised."""
@@ -277,6 +286,10 @@ class Encoder:
                 tokens = self.tokenize(texts)
             return l2_normalize(self.text_runner(tokens))
         return self.project_text(self.text_features(texts))
+
+
+#: More than the special tokens any supported tokenizer adds to a text ([CLS]/[SEP], <start>/<end>).
+SPECIAL_TOKEN_ALLOWANCE = 8
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
