@@ -542,3 +542,28 @@ def test_gpu_search_falls_back_to_cpu_or_is_refused_without_gpu(tmp_path):
     if faiss_gpu_count() == 0:
         with pytest.raises(BadInput, match="no GPU"):
             IndexStore.open(tmp_path / "g", gpu=True)
+
+
+def test_flat_scan_of_one_or_two_queries_matches_the_index_search():
+    """IndexStore.search scans a Flat index itself for 1-2 queries (faiss's index.search was 3-4x slower there):
+    the same scores and rows as faiss, ties by lower row, k larger than the index."""
+    import faiss
+
+    from retrieval.index.faiss_ops import flat_scan
+
+    rng = np.random.default_rng(3)
+    xb = rng.standard_normal((500, 24)).astype(np.float32)
+    xb[7] = xb[3]  # a tie
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(24)
+    index.add(xb)
+    queries = np.ascontiguousarray(np.stack([xb[3], rng.standard_normal(24).astype(np.float32)]))
+    for nq, k in ((1, 10), (2, 10), (2, 600)):
+        got_s, got_r = flat_scan(index, queries[:nq], k)
+        want_s, want_r = index.search(queries[:nq], min(k, 500))
+        np.testing.assert_allclose(got_s, want_s, atol=1e-5)
+        for i in range(nq):  # faiss orders ties as it likes: compare with its hits in (score, row) order
+            order = np.lexsort((want_r[i], -np.round(want_s[i], 5)))
+            assert list(got_r[i]) == list(want_r[i][order])
+    assert list(flat_scan(index, queries[:1], 2)[1][0]) == [3, 7]
+    assert flat_scan(faiss.IndexFlatL2(24), queries[:1], 2) is None

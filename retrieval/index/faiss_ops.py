@@ -22,6 +22,33 @@ DEFAULT_EF_SEARCH = 128
 DEFAULT_NPROBE_MIN = 16
 
 
+#: Up to this many queries, a Flat inner-product index is scanned one query at a time with faiss's SIMD kernel
+#: (:func:`flat_scan`) instead of ``index.search``: one 640-d query over 8,000 vectors took 2.1-2.6 ms in
+#: ``index.search`` (faiss-cpu 1.15.1, BLAS_THRESHOLD 20) and 0.65 ms in the scan; from 4 queries on, the batched
+#: search is cheaper per query (AMD EPYC Zen 4, one thread).
+FLAT_SCAN_MAX_QUERIES = 2
+
+
+def flat_scan(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Exact top-``k`` of ``queries`` ``(q, d)`` float32 (C-contiguous) over a CPU ``IndexFlat`` with the inner-product
+    metric: ``(scores, rows)``, each ``(q, min(k, ntotal))``, best first, ties by lower row. None for any other
+    index (the caller searches it normally)."""
+    if not isinstance(index, faiss.IndexFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT or index.ntotal == 0:
+        return None
+    n, d = int(index.ntotal), int(index.d)
+    kk = min(int(k), n)
+    xb = index.get_xb()
+    dis = np.empty(n, np.float32)
+    scores = np.empty((len(queries), kk), np.float32)
+    rows = np.empty((len(queries), kk), np.int64)
+    for i, q in enumerate(queries):
+        faiss.fvec_inner_products_ny(faiss.swig_ptr(dis), faiss.swig_ptr(q), xb, d, n)  # type: ignore[attr-defined]
+        part = np.argpartition(-dis, kk - 1)[:kk] if kk < n else np.arange(n)
+        order = part[np.lexsort((part, -dis[part]))]
+        scores[i], rows[i] = dis[order], order
+    return scores, rows
+
+
 def configure_faiss() -> None:
     """Set faiss's process-wide tuning (:data:`BLAS_THRESHOLD`). The library never calls this: each app calls it
     once at start (the indexer and trainer CLIs, the service lifespan, the benchmarks)."""

@@ -17,7 +17,14 @@ import numpy as np
 from retrieval.atomic import Pinned
 from retrieval.atomic import pinned as pinned_folder
 from retrieval.errors import BadInput, IndexCorrupt, IndexNotFound, UnknownId
-from retrieval.index.faiss_ops import faiss_gpu_count, is_reconstructible, read_faiss, search_params
+from retrieval.index.faiss_ops import (
+    FLAT_SCAN_MAX_QUERIES,
+    faiss_gpu_count,
+    flat_scan,
+    is_reconstructible,
+    read_faiss,
+    search_params,
+)
 from retrieval.index.folder import map_vectors, open_meta
 from retrieval.index.manifest import META_FILE, VECTORS_FILE, Manifest, check_encoder, read_manifest
 from retrieval.index.metadata import MetaDB
@@ -147,7 +154,11 @@ class IndexStore:
             nprobe if nprobe is not None else build.get("nprobe"),
             ef_search if ef_search is not None else build.get("efSearch"),
         )
-        if params is not None:
+        scanned = (flat_scan(self.index, q, kk)
+                   if len(q) <= FLAT_SCAN_MAX_QUERIES and self._search_index is self.index else None)
+        if scanned is not None:
+            scores, rows = scanned
+        elif params is not None:
             scores, rows = self.index.search(q, kk, params=params)
         else:
             scores, rows = self._search_index.search(q, kk)
