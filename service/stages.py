@@ -121,14 +121,16 @@ def make_pipelines(searcher: Searcher, settings: ServiceSettings, *, encoder_exe
     def obs(name: str) -> BatchObserver | None:
         return observer(name) if observer is not None else None
 
-    def pipeline(kind: str, prepare: Any, encode: Any, decode: Executor | None) -> Pipeline[Any, PreparedQuery,
-                                                                                             Page]:
+    def pipeline(kind: str, prepare: Any, encode: Any, decode: Executor | None,
+                 workers: int) -> Pipeline[Any, PreparedQuery, Page]:
         enc = _runner(settings, encode, kind, encoder_executor, obs(kind), settings.max_batch, settings.max_wait_ms,
-                      encode_workers)
+                      workers)
         srch = _runner(settings, stages.search, f"{kind}-search", search_executor, obs(f"{kind}-search"),
                        SEARCH_BATCH, 0.0)
         return Pipeline(prepare, enc, srch, prepare_executor=decode, prepare_limit=settings.decode_queue,
                         name=kind)
 
-    return (pipeline("text", stages.prepare_text, stages.encode_texts, None),
-            pipeline("image", stages.prepare_image, stages.encode_images, decode_executor))
+    # Image batches (tens of ms each) run on one encoder thread fewer than text ones, so with two or more encoder
+    # threads a text query never waits for the uploads' batches to finish.
+    return (pipeline("text", stages.prepare_text, stages.encode_texts, None, encode_workers),
+            pipeline("image", stages.prepare_image, stages.encode_images, decode_executor, max(1, encode_workers - 1)))
