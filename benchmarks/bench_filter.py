@@ -198,8 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", default="real,1m", help="comma-separated: real, 1m")
     p.add_argument("--synthetic-n", type=int, default=1_000_000)
     p.add_argument("--queries", type=int, default=50)
-    p.add_argument("--faiss-threads", type=int, help="faiss's OpenMP threads (default: faiss's own, = cores); 1 avoids "
-                   "OpenMP spin-waits fighting other processes on a busy machine")
+    p.add_argument("--faiss-threads", type=int, default=1,
+                   help="faiss's OpenMP threads per search (default 1, as the service runs its searches: "
+                        "SERVICE_SEARCH_OMP_THREADS); 0 leaves faiss's own default (= cores)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_filter.json")
     args = p.parse_args(argv)
     configure_faiss()

@@ -256,8 +256,24 @@ def main() -> int:
                       f"resident {row['resident_mb']:.0f} MB, recall@10 {row['recall@10']:.3f}, "
                       f"batch 1 p50 {row['p50_ms_batch1']:.2f} ms, batch 64 {row['ms_batch64']:.1f} ms", flush=True)
             rows.append(row)
+            write_results(args.out, cpu.describe(), budget, rows, table(rows, cpu.describe(), dim, budget_gib,
+                                                                         switch_hnsw_ivf))  # partial runs keep rows
 
-    lines = [f"### Index cost as the collection grows — {cpu.describe()}",
+    md = table(rows, cpu.describe(), dim, budget_gib, switch_hnsw_ivf)
+    print("\n" + md)
+    write_results(args.out, cpu.describe(), budget, rows, md)
+    print(f"\nresults: {args.out}")
+    return 0
+
+
+def write_results(out: Path, cpu: str, budget: int | None, rows: list[dict[str, Any]], md: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cpu": cpu, "budget_bytes": budget, "rows": rows, "markdown": md}, indent=2))
+
+
+def table(rows: list[dict[str, Any]], cpu: str, dim: int, budget_gib: float, switch_hnsw_ivf: int | None) -> str:
+    """The markdown table of the measured rows."""
+    lines = [f"### Index cost as the collection grows — {cpu}",
              "",
              f"dim {dim} (default encoder), chooser budget {budget_gib:.1f} GiB (this machine's memory); "
              f"switch points at this budget: Flat -> HNSW{HNSW_M} at {FLAT_MAX_VECTORS:,} vectors, HNSW -> IVF-PQ "
@@ -278,13 +294,7 @@ def main() -> int:
                 effort = "".join(f"{k} {sw[k]}" for k in ("efSearch", "nprobe") if k in sw)
                 lines.append(f"| | | same index, {effort} | | | | {sw['recall@10']:.3f} | {sw['p50_ms_batch1']:.2f} "
                              f"| {sw['ms_batch64']:.1f} ({sw['qps_batch64']:.0f}) |")
-    md = "\n".join(lines)
-    print("\n" + md)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpu": cpu.describe(), "budget_bytes": budget, "rows": rows, "markdown": md},
-                                   indent=2))
-    print(f"\nresults: {args.out}")
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
