@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from retrieval.atomic import atomic_path
-from retrieval.checksums import file_sha256
-from retrieval.errors import EncoderUnavailable, IndexEncoderMismatch
+from retrieval.checkpoints import load_checkpoint, save_checkpoint
+from retrieval.errors import IndexEncoderMismatch
 
 FUSION_FORMAT = 1
 
@@ -79,30 +78,21 @@ class AdditiveAttentionFusion(nn.Module):
 
 def save_fusion(head: AdditiveAttentionFusion, path: str | Path, extra: dict[str, Any] | None = None) -> str:
     """Write a fusion checkpoint atomically; returns its SHA-256."""
-    blob = {"format": FUSION_FORMAT, "config": head.config.model_dump(), "state": head.state_dict(),
-            "extra": extra or {}}
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
-    return file_sha256(path)
+    return save_checkpoint({"format": FUSION_FORMAT, "config": head.config.model_dump(), "state": head.state_dict(),
+                            "extra": extra or {}}, path)
 
 
 def load_fusion(path: str | Path, expected_encoder: dict[str, Any] | None = None
                 ) -> tuple[AdditiveAttentionFusion, dict[str, Any]]:
     """Load a fusion checkpoint (eval mode) and its ``extra``. :class:`EncoderUnavailable` for a missing or damaged
     file; :class:`IndexEncoderMismatch` when ``expected_encoder`` differs from the encoder it was trained for."""
-    path = Path(path)
-    if not path.is_file():
-        raise EncoderUnavailable(f"fusion head not found: {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("format") != FUSION_FORMAT:
-            raise EncoderUnavailable(f"{path}: unknown fusion checkpoint format {blob.get('format')!r}")
+
+    def build(blob: dict[str, Any]) -> tuple[AdditiveAttentionFusion, dict[str, Any]]:
         head = AdditiveAttentionFusion(FusionConfig(**blob["config"]))
         head.load_state_dict(blob["state"])
-    except EncoderUnavailable:
-        raise
-    except Exception as exc:  # torch raises many kinds on a damaged file
-        raise EncoderUnavailable(f"{path}: not a valid fusion checkpoint ({exc})") from exc
+        return head, dict(blob.get("extra") or {})
+
+    head, extra = load_checkpoint(path, FUSION_FORMAT, "fusion checkpoint", build, missing="fusion head not found")
     trained_for = head.config.encoder
     if expected_encoder is not None and trained_for:
         differing = sorted(k for k in {*trained_for, *expected_encoder}
@@ -110,4 +100,4 @@ def load_fusion(path: str | Path, expected_encoder: dict[str, Any] | None = None
         if differing:
             raise IndexEncoderMismatch(f"{path} composes embeddings of another encoder (differs in {differing}); "
                                        "train a fusion head for this encoder")
-    return head.eval(), dict(blob.get("extra") or {})
+    return head.eval(), extra

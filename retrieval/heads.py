@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from retrieval.atomic import atomic_path
+from retrieval.checkpoints import load_checkpoint, save_checkpoint
 from retrieval.checksums import file_sha256
-from retrieval.errors import EncoderUnavailable
 
 HEAD_FORMAT = 1
 HeadKind = Literal["linear", "mlp", "residual", "anchored"]
@@ -183,35 +182,26 @@ class HeadPair(nn.Module):
 
 def save_heads(heads: HeadPair, path: str | Path, extra: dict[str, Any] | None = None) -> str:
     """Write a head checkpoint atomically; returns its SHA-256."""
-    blob = {
+    return save_checkpoint({
         "format": HEAD_FORMAT,
         "config": heads.config.model_dump(),
         "image": heads.image.state_dict(),
         "text": heads.text.state_dict(),
         "extra": extra or {},
-    }
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
-    return file_sha256(path)
+    }, path)
 
 
 def load_heads(path: str | Path) -> tuple[HeadPair, str]:
     """Load a head checkpoint written by :func:`save_heads`; returns the heads (eval mode) and the file's SHA-256."""
-    path = Path(path)
-    if not path.is_file():
-        raise EncoderUnavailable(f"head checkpoint not found: {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("format") != HEAD_FORMAT:
-            raise EncoderUnavailable(f"{path}: unknown head checkpoint format {blob.get('format')!r}")
+
+    def build(blob: dict[str, Any]) -> HeadPair:
         heads = HeadPair(HeadConfig(**blob["config"]))
         heads.image.load_state_dict(blob["image"])
         heads.text.load_state_dict(blob["text"])
         heads.extra = dict(blob.get("extra") or {})
-    except EncoderUnavailable:
-        raise
-    except Exception as exc:  # torch raises many kinds on a damaged file
-        raise EncoderUnavailable(f"{path}: not a valid head checkpoint ({exc})") from exc
+        return heads
+
+    heads = load_checkpoint(path, HEAD_FORMAT, "head checkpoint", build)
     return heads.eval(), file_sha256(path)
 
 
