@@ -298,15 +298,6 @@ class Searcher:
                     page, compose="fusion" if fused else "sum", truncated_to=self._truncated_to(spec))
         return out
 
-    def answer(self, spec: SearchSpec, vectors: dict[str, np.ndarray], snap: Snapshot | None = None,
-               image_vector: np.ndarray | None = None) -> Page:
-        """One checked spec with its term vectors and an uploaded image's vector -> a page (raises what
-        :meth:`answer_many` would put in its slot)."""
-        page = self.answer_many([(spec, vectors, image_vector)], snap)[0]
-        if isinstance(page, BaseException):
-            raise page
-        return page
-
     def _truncated_to(self, spec: SearchSpec) -> int | None:
         """The text model's token limit when a term of ``spec`` is longer and was cut to it (else None)."""
         texts = [t.text for t in spec.terms]

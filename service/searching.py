@@ -128,8 +128,16 @@ def run_searches(
     64 queries at once take 0.14 ms each). A spec that fails yields its :class:`RetrievalError` in its slot."""
     limits = limits or Limits()
     select = rows_for or store.meta.select
+    rows_of: dict[tuple[Any, ...], np.ndarray | None] = {}
+
+    def rows_once(flt: MetaFilter) -> np.ndarray | None:  # each filter's rows once per batch
+        key = flt.key()
+        if key not in rows_of:
+            rows_of[key] = select(flt)
+        return rows_of[key]
+
     shared = [i for i, spec in enumerate(specs)
-              if spec.mode == "vector" and select(to_meta_filter(spec.filter, spec.exclude)) is None]
+              if spec.mode == "vector" and rows_once(to_meta_filter(spec.filter, spec.exclude)) is None]
     prefetched: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     if shared:
         k = max(candidate_pool(specs[i], limits) for i in shared)
@@ -138,7 +146,7 @@ def run_searches(
     out: list[Page | BaseException] = []
     for i, spec in enumerate(specs):
         try:
-            out.append(run_search(store, spec, queries[i], rows_for=rows_for, calibration=calibration,
+            out.append(run_search(store, spec, queries[i], rows_for=rows_once, calibration=calibration,
                                   limits=limits, prefetched=prefetched.get(i)))
         except RetrievalError as exc:
             out.append(exc)

@@ -113,7 +113,7 @@ def test_searches_use_the_configured_openmp_threads_in_whatever_thread_runs_them
     def search() -> None:
         faiss.omp_set_num_threads(2)  # what this thread had before the search
         vec = np.ones(tiny_encoder.dim, np.float32) / np.sqrt(tiny_encoder.dim)
-        page = searcher.answer(SearchSpec(terms=(Term("x"),), k=3), {"x": vec})
+        page = searcher.answer_many([(SearchSpec(terms=(Term("x"),), k=3), {"x": vec}, None)])[0]
         assert len(page.hits) == 3
         seen.append(faiss.omp_get_max_threads())
 

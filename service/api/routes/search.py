@@ -141,24 +141,25 @@ async def run_spec(state: ServiceState, spec: SearchSpec) -> Any:
     return result
 
 
-@router.post("", response_model=SearchResponse, summary="Search images by text, weighted terms and/or an indexed image")
-async def search(body: SearchRequest, request: Request, response: Response, state: ReadyState) -> SearchResponse:
-    t0 = time.perf_counter()
-    spec = to_spec(state, body, body.query)
+async def search_one(request: Request, response: Response, state: ServiceState, body: SearchOptions,
+                     query: str | None, t0: float) -> SearchResponse:
+    """The POST and GET search: ``body`` with ``query`` -> one page, the truncation warning set on ``response``."""
+    spec = to_spec(state, body, query)
     page = await run_spec(state, spec)
     warn_truncated(response, [page])
     return to_response(request, page, spec, (time.perf_counter() - t0) * 1000)
+
+
+@router.post("", response_model=SearchResponse, summary="Search images by text, weighted terms and/or an indexed image")
+async def search(body: SearchRequest, request: Request, response: Response, state: ReadyState) -> SearchResponse:
+    return await search_one(request, response, state, body, body.query, time.perf_counter())
 
 
 @router.get("", response_model=SearchResponse, summary="Search images (query string; the same fields as the POST)")
 async def search_get(request: Request, response: Response, state: ReadyState,
                      params: Annotated[SearchParams, Query()]) -> SearchResponse:
     t0 = time.perf_counter()
-    body = params.to_request()
-    spec = to_spec(state, body, params.q)
-    page = await run_spec(state, spec)
-    warn_truncated(response, [page])
-    return to_response(request, page, spec, (time.perf_counter() - t0) * 1000)
+    return await search_one(request, response, state, params.to_request(), params.q, t0)
 
 
 @router.post("/batch", response_model=BatchSearchResponse, summary="Several text queries with the same options")
