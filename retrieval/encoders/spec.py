@@ -28,6 +28,8 @@ Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 Engine = Literal["auto", "torch", "onnx"]
 
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
+#: The stronger (768-d, ~5x slower) text model of the ``quality`` encoder, assembled from its PyPI parts.
+MPNET_TEXT_MODEL = "all-mpnet-base-v2"
 
 #: Bumped whenever a code change alters the embeddings an unchanged spec produces (preprocessing, pooling, the
 #: label bridge...). It is part of the identity, so indexes and feature caches made by older code are refused or
