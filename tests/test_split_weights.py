@@ -60,7 +60,7 @@ def test_pieces_out_of_order_or_damaged_are_refused(tmp_path: Path) -> None:
 
 def test_archive_without_the_model_is_refused(tmp_path: Path) -> None:
     pieces = _pieces(tmp_path, {"other/readme.txt": b"hi"})
-    with pytest.raises(EncoderUnavailable, match="modules.json"):
+    with pytest.raises(EncoderUnavailable, match=r"modules\.json"):
         sw.join_pieces(pieces, tmp_path / "cache", MODEL)
 
 
