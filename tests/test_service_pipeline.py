@@ -121,3 +121,25 @@ def test_searches_use_the_configured_openmp_threads_in_whatever_thread_runs_them
     t.start()
     t.join()
     assert seen == [1]
+
+
+async def test_a_search_request_runs_no_dependency_in_the_thread_pool(index, tiny_encoder, monkeypatch):
+    """FastAPI runs a plain ``def`` dependency in its thread pool: two thread hand-offs per search for a few
+    attribute reads. The search routes' dependencies are ``async def``; a cached query's only thread is the search
+    thread."""
+    import fastapi.dependencies.utils as dep_utils
+
+    calls: list[str] = []
+    real = dep_utils.run_in_threadpool
+
+    async def counting(func, *args, **kwargs):
+        calls.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(dep_utils, "run_in_threadpool", counting)
+    async with running_app(ServiceSettings(index_dir=index), tiny_encoder) as (_, client):
+        for _ in range(2):  # the second is a cached query
+            assert (await client.post("/api/search", json={"query": "a red car"})).status_code == 200
+        assert (await client.get("/api/search", params={"q": "a red car"})).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
+    assert calls == [], calls
