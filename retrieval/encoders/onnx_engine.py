@@ -169,7 +169,9 @@ class OnnxTower:
         """Open one more session with ``threads`` intra-op threads, taken by a call that starts while no other call
         of this tower runs. Measured on 2 cores (AMD EPYC Zen 4, MiniLM, one short query): 5.4 ms on a 1-thread
         session, 4.4 ms on a 2-thread one; the service's p50 at concurrency 1 went 8.4 -> 7.7 ms with no change at
-        64. (Letting this session's threads spin gave 6.6 ms at 1 but 14 % fewer queries/s at 64: not done.)
+        64. Letting this session's threads spin gave 6.6-7.0 ms at 1 but 12 % fewer queries/s at 64, and 16 % fewer
+        at 8 even when only one-row calls took it (spinning stopped after each run: 7.8 ms, 5 % fewer at 64): not
+        done.
         Returns False when this tower cannot open sessions."""
         with self._grow:
             if self._new_session is None:
