@@ -424,6 +424,9 @@ def test_a_lone_call_takes_the_wide_session_and_concurrent_calls_the_pool(tmp_pa
     assert wide.calls == 1 and tower.lone_calls == 1
     assert tower(pixels)[0, 0] == 2  # alone again: the wide session
     assert not OnnxTower(_FakeSession(1), tower.signature, "fp32", tmp_path / "y.onnx").ensure_lone_session(2)
+    gpu = _FakeSession(1)
+    gpu.get_providers = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert not OnnxTower(gpu, tower.signature, "fp32", tmp_path / "z.onnx", new).ensure_lone_session(2)
 
 
 def test_parallel_calls_add_a_lone_session_only_above_the_spec_threads(tiny_clip_spec, tmp_path, monkeypatch):

@@ -172,9 +172,9 @@ class OnnxTower:
         64. Letting this session's threads spin gave 6.6-7.0 ms at 1 but 12 % fewer queries/s at 64, and 16 % fewer
         at 8 even when only one-row calls took it (spinning stopped after each run: 7.8 ms, 5 % fewer at 64): not
         done.
-        Returns False when this tower cannot open sessions."""
+        Returns False when this tower cannot open sessions or runs on a GPU (where threads do not apply)."""
         with self._grow:
-            if self._new_session is None:
+            if self._new_session is None or self.providers[:1] != ["CPUExecutionProvider"]:
                 return False
             if self._lone is None or self.lone_threads != threads:
                 self._lone = self._new_session(threads)
