@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="infinity's engine (optimum: ONNX Runtime, like ours)")
     p.add_argument("--client", default="raw", choices=["raw", "httpx"],
                    help="load generator: raw (lean asyncio HTTP/1.1, ~0.2 ms CPU/request) or httpx (3-5 ms)")
-    p.add_argument("--requests", type=int, default=200, help="measured requests per level (at least 4x concurrency)")
+    p.add_argument("--requests", type=int, default=200, help="measured requests per level (at least 32x concurrency)")
     p.add_argument("--load-requests", type=int, default=3000)
     p.add_argument("--load-time-limit", type=float, default=180.0)
     p.add_argument("--reload-every", type=float, default=3.0,
@@ -531,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     ensure_index(args.data, args.index, args.encoder, args.limit)
     captions = load_captions(args.data)
     levels = [int(c) for c in args.concurrency.split(",")]
-    n = {c: max(args.requests, 4 * c) for c in levels}
+    # Throughput is a steady state: each of a level's 4 chunks holds 8 waves of `c` requests at least (a chunk of
+    # one wave of 64 measures a burst, its ramp and drain weighing as much as the steady part).
+    n = {c: max(args.requests, 32 * c) for c in levels}
     need = sum(n[c] + 2 * c for c in levels)
     if need > len(captions):
         raise SystemExit(f"need {need} distinct captions, have {len(captions)}")

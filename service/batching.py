@@ -259,6 +259,14 @@ class DirectRunner(Generic[T, R]):
         return res
 
 
+@dataclass(frozen=True)
+class Answered:
+    """What an encode batch function returns in a slot whose search it already ran (a lone query, see
+    :func:`service.stages.make_pipelines`): the pipeline returns ``result`` and skips its search stage."""
+
+    result: Any
+
+
 class Prepared(Protocol):
     """What a pipeline's ``prepare`` returns: ``vector`` is set when the embedding is already known (a cached query),
     which skips the encoder."""
@@ -276,7 +284,7 @@ class Pipeline(Generic[T, P, R]):
        ``prepare_limit`` items in flight (then :class:`Overloaded`), or inline on the event loop when the executor
        is None (cheap checks). Its exceptions (bad input) reach the caller.
     2. ``encode``: a runner (micro-batcher on the encoder thread) mapping ``P`` to a vector; skipped when ``prepare``
-       already found the vector.
+       already found the vector. It may answer instead (an :class:`Answered`), which skips the search stage.
     3. ``search``: a runner (on the search threads) mapping ``(P, vector)`` to the result.
 
     Same interface as the runners (``submit``, ``depth``, ``stats``, ``start``, ``stop``); ``stats`` counts requests
@@ -343,6 +351,9 @@ class Pipeline(Generic[T, P, R]):
             vector = prepared.vector
             if vector is None:
                 vector = await self.encode.submit(prepared)
+                if isinstance(vector, Answered):
+                    answer: R = vector.result
+                    return answer
             result: R = await self.search.submit((prepared, vector))
             return result
         finally:

@@ -97,7 +97,7 @@ def _lifespan(encoder: Encoder | None):
         from retrieval.encoders.cpu import usable_cores
 
         workers = cfg.encode_workers or max(1, usable_cores() // (enc.spec.threads or usable_cores()))
-        await asyncio.to_thread(enc.allow_parallel_calls, workers)
+        await asyncio.to_thread(enc.allow_parallel_calls, workers, usable_cores())  # a lone query gets every core
         executors = [ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encoder"),
                      ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode"),
                      ThreadPoolExecutor(max_workers=cfg.search_threads, thread_name_prefix="search")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 
 import numpy as np
 import pytest
@@ -369,6 +370,76 @@ def test_parallel_calls_get_their_own_sessions_and_agree(tiny_clip_spec, tmp_pat
     for out in outs:
         np.testing.assert_allclose(out, outs[0], atol=1e-6)
     assert (outs[0] * txt_ref).sum(1).min() >= 0.9999
+
+
+class _FakeSession:
+    """Records its intra-op threads; ``run`` blocks until ``gate`` is set (to hold two calls in flight)."""
+
+    def __init__(self, threads, gate=None):
+        import threading
+
+        self.threads, self.gate, self.calls = threads, gate, 0
+        self.busy = threading.Event()
+
+    def get_providers(self):
+        return ["CPUExecutionProvider"]
+
+    def run(self, _outputs, feeds):
+        self.calls += 1
+        self.busy.set()
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        return [np.full((1, 2), self.threads or 0, np.float32)]
+
+
+def test_a_lone_call_takes_the_wide_session_and_concurrent_calls_the_pool(tmp_path):
+    """A server's lone query runs on every core; a second call arriving meanwhile gets a pool session (the wide
+    session is never shared by two calls)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retrieval.encoders.onnx_engine import InputSignature, OnnxTower
+
+    gate = threading.Event()
+    made: list[_FakeSession] = []
+
+    def new(threads):
+        made.append(_FakeSession(threads if threads is not None else 1, gate))
+        return made[-1]
+
+    tower = OnnxTower(_FakeSession(1), InputSignature(("pixels",), False, ()), "fp32", tmp_path / "x.onnx", new)
+    tower.ensure_sessions(2)
+    assert tower.ensure_lone_session(2)
+    wide = made[-1]
+    pixels = np.zeros((1, 3, 4, 4), np.float32)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(tower, pixels)
+        assert wide.busy.wait(10)  # the first call holds the wide session
+        second = pool.submit(tower, pixels)
+        deadline = time.monotonic() + 10
+        while made[0].calls == 0 and tower.session.calls == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        assert first.result()[0, 0] == 2 and second.result()[0, 0] == 1
+    assert wide.calls == 1 and tower.lone_calls == 1
+    assert tower(pixels)[0, 0] == 2  # alone again: the wide session
+    assert not OnnxTower(_FakeSession(1), tower.signature, "fp32", tmp_path / "y.onnx").ensure_lone_session(2)
+    gpu = _FakeSession(1)
+    gpu.get_providers = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert not OnnxTower(gpu, tower.signature, "fp32", tmp_path / "z.onnx", new).ensure_lone_session(2)
+
+
+def test_parallel_calls_add_a_lone_session_only_above_the_spec_threads(tiny_clip_spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path))
+    _, enc = _torch_then_onnx(tiny_clip_spec)
+    enc.spec = enc.spec.model_copy(update={"threads": 1})
+    enc.allow_parallel_calls(2, lone_threads=1)
+    assert enc.text_runner.lone_threads is None
+    enc.allow_parallel_calls(2, lone_threads=2)
+    assert enc.text_runner.lone_threads == 2 and enc.image_runner.lone_threads == 2
+    before = enc.text_runner.lone_calls
+    enc.encode_text(TEXTS)
+    assert enc.text_runner.lone_calls > before
 
 
 def test_the_manifest_records_how_each_tower_ran(tiny_encoder, image_folder, tmp_path):

@@ -4,6 +4,7 @@ the photo folder never served, crafted ids, security headers on the page, over-l
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
 import uuid
@@ -228,6 +229,15 @@ async def test_queries_longer_than_the_context_are_cut_with_a_warning(tiny_encod
         assert (await c.post("/api/search", json={"query": "x" * 2001})).status_code == 422  # the hard limit
         cached = await c.post("/api/search", json={"query": long_query})  # served from the cache: still warned
         assert cached.headers["x-query-truncated"] == "0"
+        # the routes that add text to an image warn too
+        image = await c.post("/api/search/image", files={"file": ("q.jpg", jpeg_bytes(), "image/jpeg")},
+                             data={"request": json.dumps({"query": long_query})})
+        similar = await c.get("/api/search/similar/img_0001.jpg", params={"q": long_query})
+        for r in (image, similar):
+            assert r.status_code == 200, r.text
+            assert r.headers["x-query-truncated"] == "0" and "77 tokens" in r.headers["warning"]
+        plain = await c.get("/api/search/similar/img_0001.jpg")
+        assert plain.status_code == 200 and "warning" not in plain.headers
 
 
 async def test_an_upload_is_not_a_text_query(tiny_encoder, index):

@@ -89,14 +89,56 @@ async def test_searches_and_cached_queries_do_not_wait_behind_the_encoder(index,
         slow = asyncio.create_task(client.post("/api/search", json={"query": "slow query"}))
         try:
             assert await asyncio.to_thread(gate.entered.wait, 10)  # the encoder thread is now busy
+            before = len(search_threads)
             r = await asyncio.wait_for(client.post("/api/search", json={"query": "a cat on a sofa"}), 5)
             assert r.status_code == 200 and r.json()["results"]
             r = await asyncio.wait_for(client.get("/api/search/similar/img_0001.jpg"), 5)
             assert r.status_code == 200
+            while_busy = search_threads[before:]
         finally:
             gate.release.set()
         assert (await slow).status_code == 200
-    assert search_threads and not any(name.startswith("encoder") for name in search_threads), search_threads
+    assert while_busy and not any(name.startswith("encoder") for name in while_busy), while_busy
+
+
+async def test_a_lone_query_is_searched_on_the_encoder_thread_and_a_queued_one_on_the_search_thread(
+        index, tiny_encoder, monkeypatch):
+    """A lone query skips the hand-off to the search thread (0.3 ms at concurrency 1); when queries queue up
+    behind an encoder batch, their searches go to the search thread, so nothing waits for the encoder thread."""
+    gate = Gate()
+    real_encode = tiny_encoder.encode_text
+
+    def slow_encode(texts):
+        if "slow query" in texts:
+            gate.wait()
+        return real_encode(texts)
+
+    monkeypatch.setattr(tiny_encoder, "encode_text", slow_encode)
+    settings = ServiceSettings(index_dir=index, encode_workers=1)
+    async with running_app(settings, tiny_encoder) as (app, client):
+        state = app.state.service
+        store = state.searcher.store
+        real_search = store.search
+        threads: list[str] = []
+
+        def recording_search(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return real_search(*args, **kwargs)
+
+        monkeypatch.setattr(store, "search", recording_search)
+        r = await client.post("/api/search", json={"query": "a lone query"})
+        assert r.status_code == 200 and r.json()["results"]
+        assert threads == ["encoder_0"] and state.text_runner.search.stats.submitted == 0
+        slow = asyncio.create_task(client.post("/api/search", json={"query": "slow query"}))
+        assert await asyncio.to_thread(gate.entered.wait, 10)
+        queued = [asyncio.create_task(client.post("/api/search", json={"query": f"queued {i}"})) for i in range(3)]
+        while state.text_runner.encode.depth() < 3:
+            await asyncio.sleep(0.01)
+        gate.release.set()
+        assert all(r.status_code == 200 for r in await asyncio.gather(slow, *queued))
+    # the slow query found three queued behind it when its encoding ended, and they came as one batch of three:
+    # every one of those searches ran on the search thread
+    assert len(threads) >= 2 and set(threads[1:]) == {"search_0"}, threads
 
 
 def test_searches_use_the_configured_openmp_threads_in_whatever_thread_runs_them(index, tiny_encoder):
@@ -121,3 +163,25 @@ def test_searches_use_the_configured_openmp_threads_in_whatever_thread_runs_them
     t.start()
     t.join()
     assert seen == [1]
+
+
+async def test_a_search_request_runs_no_dependency_in_the_thread_pool(index, tiny_encoder, monkeypatch):
+    """FastAPI runs a plain ``def`` dependency in its thread pool: two thread hand-offs per search for a few
+    attribute reads. The search routes' dependencies are ``async def``; a cached query's only thread is the search
+    thread."""
+    import fastapi.dependencies.utils as dep_utils
+
+    calls: list[str] = []
+    real = dep_utils.run_in_threadpool
+
+    async def counting(func, *args, **kwargs):
+        calls.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(dep_utils, "run_in_threadpool", counting)
+    async with running_app(ServiceSettings(index_dir=index), tiny_encoder) as (_, client):
+        for _ in range(2):  # the second is a cached query
+            assert (await client.post("/api/search", json={"query": "a red car"})).status_code == 200
+        assert (await client.get("/api/search", params={"q": "a red car"})).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
+    assert calls == [], calls

@@ -15,7 +15,6 @@ The torch modules (the trainer's ``image_features``/``text_features``, a torch t
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.metadata
 import json
@@ -33,7 +32,14 @@ from retrieval.calibration import Calibration
 from retrieval.encoders.cpu import cpu_info
 from retrieval.encoders.device import TowerPlan
 from retrieval.encoders.encoder import Encoder
-from retrieval.encoders.onnx_engine import InputSignature, OnnxTower, cache_dir, cached_ok, make_session
+from retrieval.encoders.onnx_engine import (
+    InputSignature,
+    OnnxTower,
+    cache_dir,
+    cached_ok,
+    make_session,
+    session_factory,
+)
 from retrieval.encoders.onnx_export import EXPORTER_VERSION
 from retrieval.encoders.spec import EncoderSpec
 
@@ -161,7 +167,7 @@ def load_bundle(spec: EncoderSpec, build_torch: Callable[[EncoderSpec], Encoder]
                 return None
             signature = InputSignature(tuple(t["names"]), bool(t["keyed"]), tuple(t["constants"].items()))
             runners[kind] = OnnxTower(make_session(graph, "cpu", spec.threads), signature, t["precision"], graph,
-                                      functools.partial(make_session, graph, "cpu", spec.threads))
+                                      session_factory(graph, "cpu", spec.threads))
         with open(path.with_name(record["transform"]), "rb") as fh:
             transform = pickle.load(fh)  # written by save_bundle into the user's own cache folder
         tokenizer = FastTokenizer(record["tokenizer"])

@@ -13,6 +13,7 @@ from PIL import Image
 
 from retrieval.calibration import Calibration
 from retrieval.encoders.backbones import ImageBackbone, TextBackbone
+from retrieval.encoders.cpu import usable_cores
 from retrieval.encoders.device import ConcretePrecision, TowerPlan
 from retrieval.encoders.spec import EncoderSpec
 from retrieval.errors import BadInput
@@ -179,12 +180,16 @@ class Encoder:
         """The image backbone's torch dtype (the trainer's feature cache records it)."""
         return self.image_dtype
 
-    def allow_parallel_calls(self, n: int) -> None:
+    def allow_parallel_calls(self, n: int, lone_threads: int | None = None) -> None:
         """Prepare for up to ``n`` encoder calls at once (a server running several batches): ONNX Runtime towers
-        get ``n`` sessions each. Torch towers stay serialised by a lock."""
+        get ``n`` sessions each, and with ``lone_threads`` above the spec's intra-op threads one more session with
+        that many, which a call takes when it runs alone (a server's lone query then uses every core). Torch
+        towers stay serialised by a lock."""
         for runner in (self.image_runner, self.text_runner):
             if runner is not None:
                 runner.ensure_sessions(n)
+                if lone_threads is not None and lone_threads > (self.spec.threads or usable_cores()):
+                    runner.ensure_lone_session(lone_threads)
 
     def runtime_info(self) -> dict[str, Any]:
         """``{"image": {"engine", "precision", "reason"}, "text": {...}}``: what the index manifest records."""

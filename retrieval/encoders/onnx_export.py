@@ -42,6 +42,7 @@ from retrieval.encoders.onnx_engine import (
     cache_dir,
     cached_ok,
     make_session,
+    session_factory,
     sidecar_path,
 )
 
@@ -231,4 +232,4 @@ def load_tower(
         session = make_session(target, device_type, threads)
     except Exception as exc:
         raise ExportFailed(f"ONNX Runtime cannot load {target}: {exc}") from exc
-    return OnnxTower(session, signature, precision, target, lambda: make_session(target, device_type, threads))
+    return OnnxTower(session, signature, precision, target, session_factory(target, device_type, threads))

@@ -36,7 +36,9 @@ def get_state(request: Request) -> ServiceState:
     return state
 
 
-def get_ready_state(request: Request) -> ServiceState:
+# The dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in its thread pool, two thread
+# hand-offs per search request for a few attribute reads (measured at concurrency 1).
+async def get_ready_state(request: Request) -> ServiceState:
     state = get_state(request)
     if not state.ready or state.searcher is None:
         raise NotReady("the service is starting or shutting down")
@@ -52,12 +54,12 @@ def _check_key(state: ServiceState, key: str | None) -> None:
         raise Unauthorized("a valid X-API-Key header is required")
 
 
-def require_admin_key(request: Request, key: str | None = Security(api_key_header)) -> None:
+async def require_admin_key(request: Request, key: str | None = Security(api_key_header)) -> None:
     """Admin routes: a key from ``api_keys`` when any are configured."""
     _check_key(get_state(request), key)
 
 
-def require_search_key(request: Request, key: str | None = Security(api_key_header)) -> None:
+async def require_search_key(request: Request, key: str | None = Security(api_key_header)) -> None:
     """Search routes: a key only when ``protect_search`` is on."""
     state = get_state(request)
     if state.settings.protect_search:

@@ -183,6 +183,7 @@ async def search_batch(body: BatchSearchRequest, request: Request, response: Res
              summary="Search by an uploaded image, optionally combined with text (\"this photo, but in snow\")")
 async def search_image(
     request: Request,
+    response: Response,
     state: ReadyState,
     file: Annotated[UploadFile, File(description="a JPEG, PNG, WebP, GIF, BMP or TIFF image")],
     options: Annotated[str | None, Form(alias="request", max_length=64 * 1024, description=(
@@ -210,12 +211,13 @@ async def search_image(
     assert state.image_runner is not None
     spec = to_spec(state, opts, opts.query)
     page = await state.image_runner.submit((data, spec))
+    warn_truncated(response, [page])
     return to_response(request, page, spec, (time.perf_counter() - t0) * 1000)
 
 
 @router.get("/similar/{item_id:path}", response_model=SearchResponse,
             summary="Images similar to an indexed image (\"more like this\"; q adds text to it)")
-async def search_similar(request: Request, state: ReadyState, item_id: ItemId,
+async def search_similar(request: Request, response: Response, state: ReadyState, item_id: ItemId,
                          params: Annotated[SearchParams, Query()]) -> SearchResponse:
     t0 = time.perf_counter()
     if params.image_id is not None:
@@ -223,6 +225,7 @@ async def search_similar(request: Request, state: ReadyState, item_id: ItemId,
     opts = params.to_request(need_something=False)
     spec = to_spec(state, opts, params.q, image_id=item_id)
     page = await run_spec(state, spec)
+    warn_truncated(response, [page])
     return to_response(request, page, spec, (time.perf_counter() - t0) * 1000)
 
 
