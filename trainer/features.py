@@ -214,8 +214,9 @@ class FeatureCache:
         t0 = time.perf_counter()
         identity = backbone_identity(encoder, "text")
         rows = self._load(identity)
-        missing = sorted({t for t in texts if t not in rows})
-        stats = CacheStats(hits=len(texts) - sum(1 for t in texts if t in set(missing)))
+        missing_set = {t for t in texts if t not in rows}
+        missing = sorted(missing_set)
+        stats = CacheStats(hits=sum(1 for t in texts if t not in missing_set))  # one set, not one per text
         if missing:
             run = _text_runner(encoder, self.engine)
             chunks = range(0, len(missing), batch_size)
