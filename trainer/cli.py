@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="also cache horizontally flipped views (training augmentation / test-time averaging)")
     f.add_argument("--workers", type=int, default=2)
     f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="backbone precision (part of the cache key: train with the same --precision)")
+    f.add_argument("--engine", default="torch", choices=["torch", "onnx"],
+                   help="onnx: run the backbones in ONNX Runtime (with --precision fp32; several times faster on CPU)")
 
     t = sub.add_parser("train", help="train projection heads on cached features")
     add_settings_flags(t, TrainerSettings)
@@ -59,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--gate-center", type=float, default=0.6)
     c.add_argument("--gate-width", type=float, default=0.03)
     c.add_argument("--via-activations", type=int, default=None)
+    c.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="backbone precision the heads were trained on (the feature cache key)")
     c.add_argument("--threads", type=int, default=2)
 
     e = sub.add_parser("eval", help="retrieval metrics + plots on a split or captions file")
@@ -84,14 +90,15 @@ def cmd_features(ns: argparse.Namespace) -> dict[str, Any]:
     from trainer.evaluate import load_split
     from trainer.features import FeatureCache, split_features
 
-    enc = build_encoder(parse_spec(ns.encoder))
+    enc = build_encoder(parse_spec(ns.encoder, precision=ns.precision, engine="torch"))
     records = load_split(ns.data, ns.captions, ns.split)
-    cache = FeatureCache(ns.cache_dir)
+    cache = FeatureCache(ns.cache_dir, engine=ns.engine)
     t0 = time.perf_counter()
     feats = split_features(enc, records, cache, flip=ns.flip, batch_size=ns.batch_size, workers=ns.workers,
                            progress=sys.stderr.isatty())
     return {"encoder": enc.spec.label(), "images": len(feats.ids), "captions": len(feats.captions),
-            "flip": ns.flip, "cache_dir": str(cache.dir), "seconds": round(time.perf_counter() - t0, 2)}
+            "flip": ns.flip, "engine": ns.engine, "dtype": str(enc.dtype), "cache_dir": str(cache.dir),
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def run_train(cfg: TrainerSettings) -> dict[str, Any]:
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.compose import compose
 
             cfg = TrainerSettings(data=ns.data, class_data=ns.class_data, encoder=ns.encoder,
-                                  via_activations=ns.via_activations, threads=ns.threads)
+                                  via_activations=ns.via_activations, threads=ns.threads, precision=ns.precision)
             rep = compose(cfg, ns.heads, ns.out, ns.anchor_weight, ns.gate_center, ns.gate_width)
             brief = {k: v for k, v in rep.items() if k not in ("dev", "class_dev")}
             brief["dev"] = {d: {k: round(rep["dev"][d][k], 2) for k in ("R@1", "R@5", "R@10")} for d in ("t2i", "i2t")}

@@ -103,7 +103,9 @@ class TrainerSettings(BaseSettings):
     resume: bool = Field(default=False, description="continue from <out>/last.pt")
 
     def spec(self) -> EncoderSpec:
-        """The backbone spec (no heads: the trainer makes those)."""
+        """The backbone spec (no heads: the trainer makes those; torch engine: the trainer reads raw backbone
+        features, and an encoder loaded from its ONNX export would build its torch modules anyway, in float32
+        whatever the precision, keying the feature cache differently)."""
         return parse_spec(self.encoder, precision=self.precision, device=self.device).model_copy(
-            update={"heads": None}
+            update={"heads": None, "engine": "torch"}
         )

@@ -50,8 +50,6 @@ class Encoder:
         self._tokenizer: Callable[[Sequence[str]], Any] | None = None
         self._build_modules: Callable[[], Encoder] | None = None
         self._modules_lock = threading.Lock()
-        #: True when the head checkpoint replaced backbone weights (partial unfreezing): raw image features then
-        #: depend on the heads file, and feature caches must key on it
         self.image_tuned = False
         self.image_backbone = image.to(device=device, dtype=dtype).eval()
         self.text_backbone = text.to(device=device, dtype=dtype).eval()
@@ -99,6 +97,7 @@ class Encoder:
         enc._modules_lock = threading.Lock()
         enc._image_backbone, enc._text_backbone = None, None  # type: ignore[assignment]
         enc._image_head, enc._text_head = None, None
+        enc._image_tuned = False  # read from the torch modules once built (see image_tuned)
         enc.image_dtype = enc.text_dtype = torch.float32
         enc.image_runner, enc.text_runner = image_runner, text_runner
         enc.plans, enc.reasons = dict(plans), dict(reasons)
@@ -114,7 +113,21 @@ class Encoder:
             full = self._build_modules()
             self._image_backbone, self._text_backbone = full.image_backbone, full.text_backbone
             self._image_head, self._text_head = full.image_head, full.text_head
+            self._image_tuned = full.image_tuned
             self._build_modules = None
+
+    @property
+    def image_tuned(self) -> bool:
+        """True when the head checkpoint replaced backbone weights (partial unfreezing): raw image features then
+        depend on the heads file, and feature caches must key on it. Builds the torch modules of an encoder loaded
+        from its ONNX export (only they can tell)."""
+        if self._build_modules is not None:
+            self._modules()
+        return self._image_tuned
+
+    @image_tuned.setter
+    def image_tuned(self, value: bool) -> None:
+        self._image_tuned = value
 
     @property
     def image_backbone(self) -> ImageBackbone:

