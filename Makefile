@@ -6,7 +6,7 @@ DATA   ?= ../shared/data/flickr8k
 CLASS_DATA ?= ../shared/data/caltech101-dev
 DEMO_INDEX ?= out/demo-index
 QUERY  ?= a dog playing with a ball
-EXTRAS ?= cpu,train,ray,dev
+EXTRAS ?= cpu,train,ray,dev,quality
 
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1

