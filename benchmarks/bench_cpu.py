@@ -89,14 +89,7 @@ def measure_config(name: str, args: argparse.Namespace, pixels: torch.Tensor, ca
     print(f"  image tower: {row['image_per_s']:.1f} images/s", flush=True)
     chunks = [captions[i:i + 64] for i in range(0, 64 * 4, 64)]
     row["text64_per_s"] = rate(lambda: [enc.encode_text(c) for c in chunks], 64 * len(chunks), args.seconds)
-    singles = captions[256:256 + args.single_queries]
-    for q in singles[:5]:
-        enc.encode_text([q])
-    lat = []
-    for q in singles:
-        t = time.perf_counter()
-        enc.encode_text([q])
-        lat.append(time.perf_counter() - t)
+    lat = single_query_seconds(enc, captions[256:256 + args.single_queries])
     row["text1_p50_ms"] = 1000 * float(np.percentile(lat, 50))
     row["text1_p99_ms"] = 1000 * float(np.percentile(lat, 99))
     row["text1_per_s"] = len(lat) / sum(lat)
@@ -175,6 +168,18 @@ def draft_check(args: argparse.Namespace, records: list[Any], n: int = 16) -> di
     out["cosine_min"], out["cosine_mean"] = float(cos.min()), float(cos.mean())
     return out
 
+
+
+def single_query_seconds(enc: Any, texts: list[str], warmup: int = 5) -> list[float]:
+    """Seconds of ``enc.encode_text([q])`` for each of ``texts`` (one query per call, after ``warmup`` calls)."""
+    for q in texts[:warmup]:
+        enc.encode_text([q])
+    lat = []
+    for q in texts:
+        t = time.perf_counter()
+        enc.encode_text([q])
+        lat.append(time.perf_counter() - t)
+    return lat
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

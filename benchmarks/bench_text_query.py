@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from benchmarks.bench_cpu import single_query_seconds
 from retrieval.encoders import build_encoder, parse_spec
 from retrieval.encoders.cpu import cpu_info
 
@@ -48,13 +49,7 @@ def queries(data: Path, n: int) -> list[str]:
 def measure(encoder: str, config: str, texts: list[str], threads: int) -> dict[str, Any]:
     engine, precision = CONFIGS[config]
     enc = build_encoder(parse_spec(encoder, engine=engine, precision=precision, device="cpu", threads=threads))
-    for q in texts[:5]:
-        enc.encode_text([q])
-    lat = []
-    for q in texts:
-        t = time.perf_counter()
-        enc.encode_text([q])
-        lat.append(time.perf_counter() - t)
+    lat = single_query_seconds(enc, texts)
     return {"encoder": encoder, "config": config, "runtime": enc.runtime_label(), "queries": len(lat),
             "p50_ms": round(1000 * float(np.percentile(lat, 50)), 2),
             "p99_ms": round(1000 * float(np.percentile(lat, 99)), 2)}
