@@ -15,11 +15,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_quality import append_row, metric_columns
 from retrieval.encoders.cpu import cpu_info
 from trainer.compose import compose
 from trainer.config import TrainerSettings
@@ -50,16 +50,9 @@ def main() -> None:
             row = {"encoder": args.encoder, "recipe": "compose", "source_heads": args.label or args.heads,
                    "precision": args.precision, "overrides": {"anchor_weight": w, "gate_center": c,
                                                                "gate_width": args.width},
-                   "select": "dev grid"}
-            for d in ("t2i", "i2t"):
-                for k in ("R@1", "R@5", "R@10"):
-                    row[f"dev_{d}_{k}"] = round(rep["dev"][d][k], 2)
-            for k in ("R@1", "P@10", "mAP"):
-                row[f"caltech_{k}"] = round(rep["class_dev"][k], 2) if "class_dev" in rep else None
-            row.update({"seconds": rep["seconds"], "machine": machine,
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            with open(args.jsonl, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+                   "select": "dev grid", **metric_columns(rep["dev"], rep.get("class_dev")),
+                   "seconds": rep["seconds"], "machine": machine}
+            append_row(args.jsonl, row)
             print(json.dumps({k: row[k] for k in ("overrides", "dev_t2i_R@1", "dev_t2i_R@5", "dev_t2i_R@10",
                                                   "caltech_R@1", "caltech_P@10", "caltech_mAP")}), flush=True)
 

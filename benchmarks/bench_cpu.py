@@ -169,7 +169,6 @@ def draft_check(args: argparse.Namespace, records: list[Any], n: int = 16) -> di
     return out
 
 
-
 def single_query_seconds(enc: Any, texts: list[str], warmup: int = 5) -> list[float]:
     """Seconds of ``enc.encode_text([q])`` for each of ``texts`` (one query per call, after ``warmup`` calls)."""
     for q in texts[:warmup]:
@@ -180,6 +179,7 @@ def single_query_seconds(enc: Any, texts: list[str], warmup: int = 5) -> list[fl
         enc.encode_text([q])
         lat.append(time.perf_counter() - t)
     return lat
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

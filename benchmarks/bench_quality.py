@@ -56,14 +56,29 @@ def run_one(base: dict[str, Any], overrides: dict[str, Any], data: Prepared, out
     res = trainer.fit()
     m = res.best_metrics or {}
     row: dict[str, Any] = {"encoder": cfg.encoder, "overrides": overrides, "best_epoch": res.best_epoch,
-                           "select": cfg.select, "score": round(res.best_score, 2), "train_s": round(res.seconds, 1)}
-    for d in ("t2i", "i2t"):
-        for k in ("R@1", "R@5", "R@10"):
-            row[f"dev_{d}_{k}"] = round(m[d][k], 2) if d in m else None
-    for k in ("R@1", "P@10", "mAP"):
-        row[f"caltech_{k}"] = round(m["classes"][k], 2) if "classes" in m else None
+                           "select": cfg.select, "score": round(res.best_score, 2), "train_s": round(res.seconds, 1),
+                           **metric_columns(m, m.get("classes"))}
     row["best"] = str(res.best_path) if res.best_path else None
     return row
+
+
+def metric_columns(dev: dict[str, Any], classes: dict[str, Any] | None) -> dict[str, float | None]:
+    """A sweep row's metric columns: ``dev_{t2i,i2t}_R@{1,5,10}`` from ``dev`` (Flickr8k dev, per direction) and
+    ``caltech_{R@1,P@10,mAP}`` from ``classes`` (Caltech-101 dev); None where a part was not measured."""
+    row: dict[str, float | None] = {}
+    for d in ("t2i", "i2t"):
+        for k in ("R@1", "R@5", "R@10"):
+            row[f"dev_{d}_{k}"] = round(dev[d][k], 2) if d in dev else None
+    for k in ("R@1", "P@10", "mAP"):
+        row[f"caltech_{k}"] = round(classes[k], 2) if classes is not None else None
+    return row
+
+
+def append_row(jsonl: str | Path, row: dict[str, Any]) -> None:
+    """Stamp ``row`` with its UTC creation time and append it as one line to the sweep log ``jsonl``."""
+    row["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with open(jsonl, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
 
 
 def main() -> None:
@@ -94,10 +109,8 @@ def main() -> None:
     for overrides in runs:
         row = run_one(base, overrides, data, Path(args.out))
         row.update({"base": json.loads(args.base), "unfreeze_from": args.unfreeze_from,
-                    "via_activations": base["via_activations"], "machine": machine,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        with open(args.jsonl, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+                    "via_activations": base["via_activations"], "machine": machine})
+        append_row(args.jsonl, row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("machine", "best")}), flush=True)
 
 

@@ -250,13 +250,9 @@ def _onnx_backbone(encoder: Encoder, kind: Literal["image", "text"]) -> Callable
     from retrieval.encoders.runtime import image_examples, text_examples
 
     identity = {**encoder.spec.identity(), "heads_sha256": None}
-    if kind == "image":
-        tower = load_tower("image", encoder.image_backbone, None, image_examples(encoder), identity,
-                           threads=encoder.spec.threads)
-    else:
-        tower = load_tower("text", encoder.text_backbone, None, text_examples(encoder), identity,
-                           threads=encoder.spec.threads)
-    return lambda inputs: np.asarray(tower(inputs), np.float32)
+    backbone, examples = ((encoder.image_backbone, image_examples(encoder)) if kind == "image"
+                          else (encoder.text_backbone, text_examples(encoder)))
+    return load_tower(kind, backbone, None, examples, identity, threads=encoder.spec.threads)  # (n, d) float32
 
 
 def _text_runner(encoder: Encoder, engine: Literal["torch", "onnx"]) -> Callable[[Sequence[str]], np.ndarray]:

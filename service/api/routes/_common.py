@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -47,6 +48,13 @@ def to_response(request: Request, page: Any, spec: SearchSpec, took_ms: float) -
             for h in page.hits
         ],
     )
+
+
+def page_response(request: Request, response: Response, page: Any, spec: SearchSpec, t0: float) -> SearchResponse:
+    """A single search's answer: :func:`warn_truncated` on ``response``, then :func:`to_response` timed from
+    ``t0`` (``time.perf_counter()`` when the request began)."""
+    warn_truncated(response, [page])
+    return to_response(request, page, spec, (time.perf_counter() - t0) * 1000)
 
 
 #: Response header naming the queries that were longer than the text model reads (``0`` for a single query).

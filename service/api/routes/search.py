@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from retrieval.errors import BadImage, BadInput
 from retrieval.filter_spec import MetaFilter
 from service.api.deps import ItemId, ReadyState, ServiceState, require_search_key
-from service.api.routes._common import to_response, warn_truncated
+from service.api.routes._common import page_response, to_response, warn_truncated
 from service.errors import PayloadTooLarge
 from service.query import Compose, Mode, SearchSpec, Sort, Term, parse_query
 from service.schemas import (
@@ -145,9 +145,7 @@ async def search_one(request: Request, response: Response, state: ServiceState, 
                      query: str | None, t0: float) -> SearchResponse:
     """The POST and GET search: ``body`` with ``query`` -> one page, the truncation warning set on ``response``."""
     spec = to_spec(state, body, query)
-    page = await run_spec(state, spec)
-    warn_truncated(response, [page])
-    return to_response(request, page, spec, (time.perf_counter() - t0) * 1000)
+    return page_response(request, response, await run_spec(state, spec), spec, t0)
 
 
 @router.post("", response_model=SearchResponse, summary="Search images by text, weighted terms and/or an indexed image")
@@ -210,9 +208,7 @@ async def search_image(
     t0 = time.perf_counter()
     assert state.image_runner is not None
     spec = to_spec(state, opts, opts.query)
-    page = await state.image_runner.submit((data, spec))
-    warn_truncated(response, [page])
-    return to_response(request, page, spec, (time.perf_counter() - t0) * 1000)
+    return page_response(request, response, await state.image_runner.submit((data, spec)), spec, t0)
 
 
 @router.get("/similar/{item_id:path}", response_model=SearchResponse,
@@ -224,9 +220,7 @@ async def search_similar(request: Request, response: Response, state: ReadyState
         raise BadInput("image_id: the path names the image; leave image_id out")
     opts = params.to_request(need_something=False)
     spec = to_spec(state, opts, params.q, image_id=item_id)
-    page = await run_spec(state, spec)
-    warn_truncated(response, [page])
-    return to_response(request, page, spec, (time.perf_counter() - t0) * 1000)
+    return page_response(request, response, await run_spec(state, spec), spec, t0)
 
 
 __all__ = ["SearchFilter", "router"]
