@@ -183,17 +183,24 @@ def measure(key: str, gen: Generator, n: int, queries: np.ndarray, truth: np.nda
         file_bytes = os.path.getsize(f"{tmp}/i.faiss")
     row = {"key": key, "n": n, "build_s": build_s, "bytes_per_vector": file_bytes / n, "resident_mb": resident / 2**20,
            **info, **search_costs(index, queries, truth, info.get("nprobe"), info.get("efSearch"))}
-    # the search effort's trade-off: recall and latency at 2x and 4x the default
-    row["sweep"] = []
-    for f in (2, 4):
-        if "efSearch" in info:
-            row["sweep"].append({"efSearch": info["efSearch"] * f,
-                                 **search_costs(index, queries, truth, None, info["efSearch"] * f)})
-        elif "nprobe" in info and info["nprobe"] * f <= (info.get("nlist") or 0):
-            row["sweep"].append({"nprobe": info["nprobe"] * f,
-                                 **search_costs(index, queries, truth, info["nprobe"] * f, None)})
+    # the search effort's trade-off: recall and latency around the default (IVF: nprobe, with the HNSW quantizer's
+    # efSearch raised to it by search_params; HNSW: efSearch)
+    row["sweep"] = [{**effort, **search_costs(index, queries, truth, effort.get("nprobe"), effort.get("efSearch"))}
+                    for effort in sweep_efforts(info, nlist_of(index))]
     del index
     return row
+
+
+def sweep_efforts(info: dict[str, Any], nlist: int | None) -> list[dict[str, int]]:
+    """Search efforts to measure beside the default ``info``: an IVF index varies ``nprobe`` (1/4, 1/2 and 2x the
+    default, within 1..nlist), keeping its quantizer's efSearch; an HNSW index varies ``efSearch`` (2x, 4x)."""
+    if "nprobe" in info and nlist:
+        default = int(info["nprobe"])
+        probes = sorted({min(nlist, max(1, int(default * f))) for f in (0.25, 0.5, 2)} - {default})
+        return [{"nprobe": p, **({"efSearch": info["efSearch"]} if "efSearch" in info else {})} for p in probes]
+    if "efSearch" in info:
+        return [{"efSearch": int(info["efSearch"]) * f} for f in (2, 4)]
+    return []
 
 
 def search_costs(index: Any, queries: np.ndarray, truth: np.ndarray, nprobe: int | None,
@@ -299,7 +306,7 @@ def table(rows: list[dict[str, Any]], cpu: str, dim: int, budget_gib: float, swi
                          f"| {r['bytes_per_vector']:.0f} | {r['resident_mb']:.0f} | {r['recall@10']:.3f} "
                          f"| {r['p50_ms_batch1']:.2f} | {r['ms_batch64']:.1f} ({r['qps_batch64']:.0f}) |")
             for sw in r.get("sweep", []):
-                effort = "".join(f"{k} {sw[k]}" for k in ("efSearch", "nprobe") if k in sw)
+                effort = ", ".join(f"{k} {sw[k]}" for k in ("efSearch", "nprobe") if k in sw)
                 lines.append(f"| | | same index, {effort} | | | | {sw['recall@10']:.3f} | {sw['p50_ms_batch1']:.2f} "
                              f"| {sw['ms_batch64']:.1f} ({sw['qps_batch64']:.0f}) |")
     return "\n".join(lines)
