@@ -193,13 +193,13 @@ def measure(key: str, gen: Generator, n: int, queries: np.ndarray, truth: np.nda
 
 def sweep_efforts(info: dict[str, Any], nlist: int | None) -> list[dict[str, int]]:
     """Search efforts to measure beside the default ``info``: an IVF index varies ``nprobe`` (1/4, 1/2 and 2x the
-    default, within 1..nlist), keeping its quantizer's efSearch; an HNSW index varies ``efSearch`` (2x, 4x)."""
+    default, within 1..nlist), keeping its quantizer's efSearch; an HNSW index varies ``efSearch`` (1/2, 2x, 4x)."""
     if "nprobe" in info and nlist:
         default = int(info["nprobe"])
         probes = sorted({min(nlist, max(1, int(default * f))) for f in (0.25, 0.5, 2)} - {default})
         return [{"nprobe": p, **({"efSearch": info["efSearch"]} if "efSearch" in info else {})} for p in probes]
     if "efSearch" in info:
-        return [{"efSearch": int(info["efSearch"]) * f} for f in (2, 4)]
+        return [{"efSearch": int(int(info["efSearch"]) * f)} for f in (0.5, 2, 4)]
     return []
 
 

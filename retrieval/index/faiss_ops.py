@@ -16,9 +16,11 @@ from retrieval.index.manifest import INDEX_FILE
 #: faiss switches from its own distance loops to BLAS above this many queries. faiss-cpu 1.15.1's default (128000
 #: here) makes batched search ~11x slower (docs in STACK.md) and PQ/k-means training up to ~50x slower; 20 fixes both.
 BLAS_THRESHOLD = 20
-#: Default search effort when the caller gives none. HNSW32 over 1M embedding-like vectors (make bench-scale):
-#: recall@10 0.79 at efSearch 64, 0.88 at 128, for ~0.1 ms more per query.
-DEFAULT_EF_SEARCH = 128
+#: Default search effort when the caller gives none (recorded in the manifest at build time). HNSW32 over 1M 640-d
+#: embedding-like vectors (make bench-scale, AMD EPYC Zen 4, one thread): recall@10 0.83 / 0.92 / 0.97 at efSearch
+#: 128 / 256 / 512 for a batch-1 p50 of 0.63 / 1.35 / 2.04 ms. 256: past 0.9 for well under the ~5 ms a query's
+#: text encoding costs.
+DEFAULT_EF_SEARCH = 256
 DEFAULT_NPROBE_MIN = 16
 
 
