@@ -18,7 +18,7 @@ from retrieval.index.manifest import INDEX_FILE
 BLAS_THRESHOLD = 20
 #: Default search effort when the caller gives none (recorded in the manifest at build time). HNSW32 over 1M 640-d
 #: embedding-like vectors (make bench-scale, AMD EPYC Zen 4, one thread): recall@10 0.83 / 0.92 / 0.97 at efSearch
-#: 128 / 256 / 512 for a batch-1 p50 of 0.63 / 1.35 / 2.04 ms. 256: past 0.9 for well under the ~5 ms a query's
+#: 128 / 256 / 512 for a batch-1 p50 of 0.62 / 1.07 / 2.32 ms. 256: past 0.9 for well under the ~5 ms a query's
 #: text encoding costs.
 DEFAULT_EF_SEARCH = 256
 DEFAULT_NPROBE_MIN = 16
