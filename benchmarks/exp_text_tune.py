@@ -83,7 +83,8 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log", type=Path, default=REPO / "benchmarks" / "results" / "quality_sweep.jsonl")
-    p.add_argument("--save", type=Path, default=None, help="write the best text layers + heads here (torch.save)")
+    p.add_argument("--save", type=Path, default=None,
+                   help="write the best heads (folded) + the tuned text model here (torch.save)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TrainerSettings(encoder="zero-shot", precision="fp32", head="mlp", epochs=args.epochs,
@@ -150,7 +151,7 @@ def main() -> int:
             best = {"score": score, "epoch": epoch + 1, "metrics": m}
             if args.save:
                 torch.save({"heads": model.folded_heads().state_dict(), "head_config": hc.model_dump(),
-                            "text_layers": {k: v for k, v in text.state_dict().items()} if text else None,
+                            "text_model": text.state_dict() if text else None,
                             "tune_layers": args.tune_layers}, args.save)
     train_s = time.perf_counter() - t_train
     bm = best["metrics"]
