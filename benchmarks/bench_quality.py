@@ -32,7 +32,7 @@ from retrieval.encoders import build_encoder
 from trainer.config import TrainerSettings
 from trainer.features import FeatureCache
 from trainer.prepare import Prepared, prepare
-from trainer.train import Trainer
+from trainer.train import Trainer, TrainResult
 
 
 def cpu_model() -> str:
@@ -49,17 +49,23 @@ def run_one(base: dict[str, Any], overrides: dict[str, Any], data: Prepared, out
     """Train one config on prepared data; returns the result row."""
     cfg = TrainerSettings(**{**base, **overrides, "out": str(out_root / f"run-{int(time.time() * 1000)}")})
     enc_spec = cfg.spec()
-    identity = {k: v for k, v in enc_spec.identity().items() if k != "heads_sha256"}
+    identity = cfg.heads_identity()
     tail = copy.deepcopy(data.tail) if data.tail is not None and cfg.unfreeze_from else None
     trainer = Trainer(cfg, data.train, data.dev, backend=enc_spec.backend, identity=identity, prior=data.prior,
                       class_dev=data.class_dev, tail=tail)
     res = trainer.fit()
-    m = res.best_metrics or {}
-    row: dict[str, Any] = {"encoder": cfg.encoder, "overrides": overrides, "best_epoch": res.best_epoch,
-                           "select": cfg.select, "score": round(res.best_score, 2), "train_s": round(res.seconds, 1),
-                           **metric_columns(m, m.get("classes"))}
+    row: dict[str, Any] = {"encoder": cfg.encoder, "overrides": overrides, "select": cfg.select,
+                           **result_columns(res)}
     row["best"] = str(res.best_path) if res.best_path else None
     return row
+
+
+def result_columns(res: TrainResult) -> dict[str, Any]:
+    """A training run's sweep-row columns: best epoch, selection score, training seconds and the best epoch's
+    :func:`metric_columns`."""
+    m = res.best_metrics or {}
+    return {"best_epoch": res.best_epoch, "score": round(res.best_score, 2), "train_s": round(res.seconds, 1),
+            **metric_columns(m, m.get("classes"))}
 
 
 def metric_columns(dev: dict[str, Any], classes: dict[str, Any] | None) -> dict[str, float | None]:

@@ -91,7 +91,7 @@ def main() -> None:
     heads_path = args.heads
     if heads_path is None:
         trainer = Trainer(cfg, splits["train"], splits["dev"], backend=spec.backend,
-                          identity={k: v for k, v in spec.identity().items() if k != "heads_sha256"})
+                          identity=cfg.heads_identity())
         result = trainer.fit()
         train_s = result.seconds
         heads_path = str(result.best_path)

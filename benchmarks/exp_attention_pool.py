@@ -24,13 +24,10 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from retrieval.encoders.factory import build_torch_encoder  # noqa: E402
-from trainer.activations import activation_split, effnet_of  # noqa: E402
+from benchmarks.exp_common import activation_splits, train_arm  # noqa: E402
+from trainer.activations import effnet_of  # noqa: E402
 from trainer.batches import TensorSplit  # noqa: E402
 from trainer.config import TrainerSettings  # noqa: E402
-from trainer.evaluate import load_split  # noqa: E402
-from trainer.features import FeatureCache  # noqa: E402
-from trainer.train import SCORE_KEYS, Trainer  # noqa: E402
 
 CUT = 11
 
@@ -71,17 +68,12 @@ def main() -> int:
     torch.set_num_threads(2)
     cfg = TrainerSettings(encoder="zero-shot", precision="fp32", head="mlp", flip_aug=False, tail_lr=1e-3,
                           out="runs/exp-attention-pool")
-    spec = cfg.spec()
-    enc = build_torch_encoder(spec)
-    cache = FeatureCache(cfg.cache_dir)
     t0 = time.perf_counter()
-    a_tr = activation_split(enc, load_split(cfg.data, cfg.captions, cfg.train_split), cache, CUT)
-    a_dv = activation_split(enc, load_split(cfg.data, cfg.captions, cfg.dev_split), cache, CUT)
+    enc, a_tr, a_dv = activation_splits(cfg, CUT)
     m_tr, m_dv = final_maps(enc, a_tr.acts), final_maps(enc, a_dv.acts)
     check = np.abs(m_dv.astype(np.float32).mean((2, 3)) - a_dv.feats.images).max()
     print(f"maps {time.perf_counter() - t0:.0f} s; mean of the map vs cached pooled features: max abs diff {check:.4f}",
           flush=True)
-    identity = {k: v for k, v in spec.identity().items() if k != "heads_sha256"}
     for i, name in enumerate(("mean pooling (control)", "attention pooling")):
         tr, dv = TensorSplit.of(a_tr.feats), TensorSplit.of(a_dv.feats)
         tail = None
@@ -89,13 +81,7 @@ def main() -> int:
             tr.pooled = tr.images  # frozen mean-pooled features: the standardisation statistics
             tr.images, dv.images = torch.from_numpy(m_tr), torch.from_numpy(m_dv)
             tail = AttentionPool(m_tr.shape[1])
-        result = Trainer(cfg.model_copy(update={"out": f"{cfg.out}/{i}"}), tr, dv, identity=identity,
-                         tail=tail).fit()
-        m: Any = result.best_metrics
-        row = {"best_epoch": result.best_epoch, "score": round(result.best_score, 2),
-               **{f"dev_{d}_{k}": round(m[d][k], 2) for d in ("t2i", "i2t") for k in SCORE_KEYS},
-               "train_s": round(result.seconds, 1)}
-        print(name, json.dumps(row), flush=True)
+        print(name, json.dumps(train_arm(cfg, f"{cfg.out}/{i}", tr, dv, tail)), flush=True)
     return 0
 
 

@@ -25,13 +25,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.exp_common import train_arm  # noqa: E402
 from retrieval.encoders.factory import build_torch_encoder  # noqa: E402
 from retrieval.images import load_image  # noqa: E402
 from trainer.batches import TensorSplit  # noqa: E402
 from trainer.config import TrainerSettings  # noqa: E402
 from trainer.evaluate import load_split  # noqa: E402
 from trainer.features import FeatureCache, _onnx_backbone, split_features  # noqa: E402
-from trainer.train import SCORE_KEYS, Trainer  # noqa: E402
 
 
 def random_crop(img: Image.Image, rng: random.Random, scale: tuple[float, float] = (0.5, 1.0)) -> Image.Image:
@@ -64,8 +64,7 @@ def crop_features(encoder: Any, paths: list[str], seed: int = 0, batch: int = 32
 def main() -> int:
     torch.set_num_threads(2)
     cfg = TrainerSettings(encoder="zero-shot", precision="fp32", head="mlp", out="runs/exp-crop-aug")
-    spec = cfg.spec()
-    enc = build_torch_encoder(spec)
+    enc = build_torch_encoder(cfg.spec())
     cache = FeatureCache(cfg.cache_dir, engine="onnx")
     train_rec = load_split(cfg.data, cfg.captions, cfg.train_split)
     train_f = split_features(enc, train_rec, cache, flip=True)
@@ -75,17 +74,11 @@ def main() -> int:
     t0 = time.perf_counter()
     crops = crop_features(enc, train_f.paths)
     print(f"crop features {time.perf_counter() - t0:.0f} s for {len(crops)} images", flush=True)
-    identity = {k: v for k, v in spec.identity().items() if k != "heads_sha256"}
     for i, name in enumerate(("centre + flip (control)", "centre + random crop")):
         tr, dv = TensorSplit.of(train_f), TensorSplit.of(dev_f)
         if name == "centre + random crop":
             tr.images_flip = torch.from_numpy(crops)
-        result = Trainer(cfg.model_copy(update={"out": f"{cfg.out}/{i}"}), tr, dv, identity=identity).fit()
-        m: Any = result.best_metrics
-        row = {"best_epoch": result.best_epoch, "score": round(result.best_score, 2),
-               **{f"dev_{d}_{k}": round(m[d][k], 2) for d in ("t2i", "i2t") for k in SCORE_KEYS},
-               "train_s": round(result.seconds, 1)}
-        print(name, json.dumps(row), flush=True)
+        print(name, json.dumps(train_arm(cfg, f"{cfg.out}/{i}", tr, dv)), flush=True)
     return 0
 
 

@@ -18,7 +18,6 @@ import copy
 import json
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_quality import append_row, metric_columns  # noqa: E402
 from retrieval.encoders.cpu import cpu_info  # noqa: E402
 from retrieval.encoders.factory import build_torch_encoder  # noqa: E402
 from retrieval.heads import HeadPair  # noqa: E402
@@ -99,7 +99,7 @@ def main() -> int:
     print(f"features {time.perf_counter() - t0:.1f} s: train {tuple(train.images.shape)} images, "
           f"{len(train_f.captions)} captions; dev {tuple(dev.images.shape)}", flush=True)
 
-    identity = {k: v for k, v in spec.identity().items() if k != "heads_sha256"}
+    identity = cfg.heads_identity()
     torch.manual_seed(cfg.seed)
     hc = head_config(cfg, train.images.shape[1], train.texts.shape[1], spec.backend, identity)
     model = TrainModel(HeadPair(hc), ContrastiveLoss(cfg.loss, cfg.temperature, cfg.margin),
@@ -159,12 +159,10 @@ def main() -> int:
                                                                      "text_lr": args.text_lr, "epochs": args.epochs},
            "best_epoch": best["epoch"], "select": "captions", "score": round(best["score"], 2),
            "train_s": round(train_s, 1),
-           **{f"dev_{d}_{k}": round(bm[d][k], 2) for d in ("t2i", "i2t") for k in SCORE_KEYS},
+           **metric_columns(bm, None),
            "base": {"precision": "fp32", "flip_aug": cfg.flip_aug}, "history": history,
-           "machine": {"cpu": cpu_info().describe(), "cores": 2, "threads": args.threads},
-           "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    with args.log.open("a") as fh:
-        fh.write(json.dumps(rec) + "\n")
+           "machine": {"cpu": cpu_info().describe(), "cores": 2, "threads": args.threads}}
+    append_row(args.log, rec)
     print(json.dumps({k: v for k, v in rec.items() if k != "history"}))
     return 0
 

@@ -116,7 +116,7 @@ def run_train(cfg: TrainerSettings) -> dict[str, Any]:
     enc = build_encoder(spec)
     data = prepare(cfg, enc, FeatureCache(cfg.cache_dir))
     feature_s = data.seconds["total"]
-    identity = {k: v for k, v in spec.identity().items() if k != "heads_sha256"}
+    identity = cfg.heads_identity()
     trainer = Trainer(cfg, data.train, data.dev, backend=spec.backend, identity=identity, prior=data.prior,
                       class_dev=data.class_dev, tail=data.tail)
     last = Path(cfg.out) / "last.pt"

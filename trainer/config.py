@@ -5,7 +5,7 @@ Built when asked for (``TrainerSettings()``), never at import time.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -109,3 +109,7 @@ class TrainerSettings(BaseSettings):
         return parse_spec(self.encoder, precision=self.precision, device=self.device).model_copy(
             update={"heads": None, "engine": "torch"}
         )
+
+    def heads_identity(self) -> dict[str, Any]:
+        """The backbone identity trained heads record (:meth:`spec`'s identity without ``heads_sha256``)."""
+        return {k: v for k, v in self.spec().identity().items() if k != "heads_sha256"}
